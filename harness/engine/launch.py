@@ -1,0 +1,106 @@
+"""`harness launch`: recipe -> run folder -> trainer -> MLflow run -> summary.
+
+Everything that can be wrong with the input (recipe, data root, backbone, resume checkpoint) is found
+before the MLflow run starts, so a rejected launch writes nothing to MLflow. Run folders are
+`<track.output_dir>/<name>/<YYYYmmdd-HHMMSS>/`; `--resume` without a folder takes the newest one of
+this recipe name that holds a `last.pt`.
+"""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.engine import checkpoint
+from harness.engine.trainer import ProcessInfo, Trainer
+from harness.recipe import Recipe, RecipeError, recipe_to_yaml
+from harness.track import Tracker, tracking_uri
+
+# Fields that may change between a checkpoint and the recipe that resumes it.
+RESUMABLE_CHANGES = ("engine", "track", "data.workers", "data.root", "data.loader", "data.train", "data.val",
+                     "data.eval_batch_size", "optim.epochs")
+
+
+def _comparable(recipe_dict: dict) -> dict:
+    out = json.loads(json.dumps(recipe_dict))
+    for dotted in RESUMABLE_CHANGES:
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return out
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)]
+    return [] if a == b else [f"{prefix} (checkpoint {a!r}, recipe {b!r})"]
+
+
+def find_resume_dir(recipe: Recipe, resume: str, source: str) -> Path:
+    if resume != "latest":
+        path = Path(resume)
+        return path.parent if path.is_file() else path
+    base = Path(recipe.track.output_dir) / recipe.name
+    candidates = sorted(p.parent for p in base.glob(f"*/{checkpoint.LAST}"))
+    if not candidates:
+        raise RecipeError(f"{source}: --resume: no {checkpoint.LAST} under {base}/ to resume; pass a run folder")
+    return candidates[-1]
+
+
+def check_resumable(state: dict, recipe: Recipe, ckpt_path: Path, source: str) -> None:
+    if "recipe" not in state or "model" not in state or "optimizer" not in state:
+        raise RecipeError(f"{ckpt_path}: not a training checkpoint of harness launch (no recipe/optimizer state)")
+    diffs = _differences(_comparable(state["recipe"]), _comparable(recipe.model_dump(mode="json")))
+    if diffs:
+        raise RecipeError(f"{ckpt_path}: --resume: checkpoint was written by another recipe; differs from {source} "
+                          f"in {diffs[0]}" + (f" and {len(diffs) - 1} more field(s)" if len(diffs) > 1 else "")
+                          + f"; only {', '.join(RESUMABLE_CHANGES)} may change")
+
+
+def prepare_run(recipe: Recipe, source: str, resume: str | None) -> tuple[Path, dict | None]:
+    """The run folder and, when resuming, the checkpoint state (validated against the recipe)."""
+    if resume is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(recipe.track.output_dir) / recipe.name / stamp
+        suffix = 1
+        while run_dir.exists():
+            run_dir = Path(recipe.track.output_dir) / recipe.name / f"{stamp}-{suffix}"
+            suffix += 1
+        return run_dir, None
+    run_dir = find_resume_dir(recipe, resume, source)
+    ckpt_path = run_dir / checkpoint.LAST
+    try:
+        state = checkpoint.load(ckpt_path)
+    except checkpoint.CheckpointError as e:
+        raise RecipeError(f"--resume: {e}") from None
+    check_resumable(state, recipe, ckpt_path, source)
+    return run_dir, state
+
+
+def launch(recipe: Recipe, source: str, resume: str | None = None, process: ProcessInfo = ProcessInfo(),
+           echo=print) -> dict[str, Any]:
+    """Train `recipe` (from file `source`) to the end; return the summary."""
+    run_dir, state = prepare_run(recipe, source, resume)
+    trainer = Trainer(recipe, run_dir, source=source, resume=state, process=process)
+    if process.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        where = f"resuming at epoch {trainer.epoch}" if state else "new run"
+        echo(f"{recipe.name}: {where} in {run_dir}; {trainer.iters_per_epoch} steps/epoch on {trainer.device}")
+    resume_run_id = state.get("mlflow_run_id") if state else None
+    with Tracker(recipe, resume_run_id=resume_run_id, enabled=process.is_main) as tracker:
+        summary = trainer.fit(tracker)
+        summary["tracking_uri"] = tracking_uri(recipe)
+        summary["experiment"] = recipe.track.experiment
+        tracker.log_summary(summary)
+    if process.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        echo(f"final test acc1 {summary['final_test_acc1']:.2f}% (best {summary['best_test_acc1']:.2f}%) "
+             f"after {summary['epochs']} epochs in {summary['wall_time_s']:.1f} s")
+        echo(f"MLflow run {summary['mlflow_run_id']} in experiment '{recipe.track.experiment}' at "
+             f"{summary['tracking_uri']}  (see it: mlflow ui --backend-store-uri {summary['tracking_uri']})")
+        echo(f"checkpoints: {run_dir}")
+    return summary

@@ -1,0 +1,65 @@
+"""What every method hands the trainer: a model that maps a batch to logits, and its loss."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+import harness.models  # noqa: F401  (registers our backbones in timm)
+from harness.recipe import Recipe, RecipeError
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method needs to know of the data: classes, one sample's shape, the recipe file."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]  # [C, H, W], or [T, C, H, W] for frame sequences (DVS)
+    source: str = "recipe"
+
+    @property
+    def is_sequence(self) -> bool:
+        return len(self.input_shape) == 4
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, target)
+
+
+@dataclass
+class MethodModel:
+    """`model(x) -> logits [B, classes]`; `loss(outputs, target)`; `spiking` if it has neurons.
+
+    `forward_loss(x, y)` -> (loss, logits): the training step's whole forward; a method whose loss
+    needs more than the logits (per-step losses) overrides it by passing `step_loss`.
+    """
+
+    model: nn.Module
+    spiking: bool
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
+    extra: dict = field(default_factory=dict)
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return self.loss(logits, y), logits
+
+
+def create_backbone(recipe: Recipe, data: DataInfo, act_layer: type[nn.Module] | None = None) -> nn.Module:
+    """The ANN backbone of the recipe, from timm's registry (ours are registered by harness.models)."""
+    name = recipe.model.backbone
+    if not timm.is_model(name):
+        ours = ", ".join(sorted(timm.list_models("preact_*") + timm.list_models("snn_*") + timm.list_models("vgg*_dvs")))
+        raise RecipeError(f"{data.source}: model.backbone: unknown backbone {name!r}; "
+                          f"ours: {ours}; or any name in timm.list_models()")
+    in_chans = data.input_shape[-3]
+    kwargs = dict(num_classes=recipe.model.num_classes or data.num_classes, in_chans=in_chans,
+                  drop_rate=recipe.model.drop_rate)
+    if act_layer is not None:
+        kwargs["act_layer"] = act_layer
+    kwargs.update(recipe.model.kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise RecipeError(f"{data.source}: model: timm.create_model({name!r}) rejected the arguments: {e}") from None

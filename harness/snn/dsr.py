@@ -1,0 +1,183 @@
+"""DSR neurons: exact forward dynamics, and the DSR backward (DSR.md sections 1-3).
+
+Forward (u_0 = 0 per sample, reset by subtraction, at most one spike per step):
+  IF:  u_t = u_{t-1} + x_t;                   o_t = V*1[u_t >= alpha*V];   u_t -= o_t
+  LIF: u_t = beta*u_{t-1} + (1-beta)*x_t;     s_t = V*1[u_t >= alpha*V];   u_t -= s_t;  o_t = s_t/dt
+       beta = exp(-dt/tau)
+Backward (no backpropagation through time, no surrogate): with upstream gradients g_t,
+  IF:  G = sum_t g_t;                dL/dx_t = (G/T) * 1[0 <= xbar <= V]
+                                     dL/dV   = k_V * sum(G * 1[xbar > V])
+  LIF: G = T * sum_t w_t g_t / W;    dL/dx_t = (G/(tau*T)) * 1[0 < xhat < V*tau/dt]
+                                     dL/dV   = k_V * dt * sum(G * 1[xhat > V*tau/dt])
+  with xbar = mean_t x_t, xhat = sum_t w_t x_t / W, w_t = exp(-(T-t)*dt/tau), W = sum_t w_t, and
+  k_V = `vth_grad_scale`. The backward keeps only xbar / xhat (`[B, ...]`, O(1) in T) and V.
+Before every forward the threshold is clamped in place: V <- max(V, vth_bound).
+
+The membrane potential is integrated in at least float32 whatever the input dtype (bf16 over T=50 steps
+would lose the small inputs); spikes are returned in the input dtype.
+"""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from harness.snn.coding import check_positive, decoding_weights, weighted_rate
+from harness.snn.neuron import SpikingNeuron
+from harness.snn.time import fold_time, unfold_time
+
+
+def _accumulation_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class _DSRIFFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, vth: Tensor, T: int, alpha: float, vth_grad_scale: float) -> Tensor:
+        steps = unfold_time(x, T)
+        acc = _accumulation_dtype(x)
+        v = vth.detach().to(acc)
+        u = torch.zeros_like(steps[0], dtype=acc)
+        input_sum = torch.zeros_like(u)
+        out = torch.empty_like(steps)
+        for t in range(T):
+            x_t = steps[t].to(acc)
+            input_sum += x_t
+            u += x_t
+            spike = (u >= alpha * v).to(acc) * v
+            u -= spike
+            out[t] = spike
+        ctx.save_for_backward(input_sum / T, v)
+        ctx.T, ctx.vth_grad_scale, ctx.vth_dtype = T, vth_grad_scale, vth.dtype
+        return fold_time(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        xbar, v = ctx.saved_tensors
+        T = ctx.T
+        G = unfold_time(grad_out, T).to(xbar.dtype).sum(dim=0)
+        grad_x = grad_vth = None
+        if ctx.needs_input_grad[0]:
+            in_range = (xbar >= 0) & (xbar <= v)
+            grad_step = (G / T) * in_range
+            grad_x = fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)).to(grad_out.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_vth = (ctx.vth_grad_scale * (G * (xbar > v)).sum()).to(ctx.vth_dtype)
+        return grad_x, grad_vth, None, None, None
+
+
+class _DSRLIFFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, vth: Tensor, T: int, alpha: float, tau: float, dt: float,
+                vth_grad_scale: float) -> Tensor:
+        steps = unfold_time(x, T)
+        acc = _accumulation_dtype(x)
+        v = vth.detach().to(acc)
+        beta = math.exp(-dt / tau)
+        w = decoding_weights(T, tau, dt, device=x.device, dtype=acc)
+        u = torch.zeros_like(steps[0], dtype=acc)
+        weighted_input = torch.zeros_like(u)
+        out = torch.empty_like(steps)
+        for t in range(T):
+            x_t = steps[t].to(acc)
+            weighted_input += w[t] * x_t
+            u.mul_(beta).add_(x_t, alpha=1.0 - beta)
+            spike = (u >= alpha * v).to(acc) * v
+            u -= spike
+            out[t] = spike / dt
+        ctx.save_for_backward(weighted_input / w.sum(), v)
+        ctx.T, ctx.tau, ctx.dt, ctx.vth_grad_scale, ctx.vth_dtype = T, tau, dt, vth_grad_scale, vth.dtype
+        return fold_time(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        xhat, v = ctx.saved_tensors
+        T, tau, dt = ctx.T, ctx.tau, ctx.dt
+        w = decoding_weights(T, tau, dt, device=xhat.device, dtype=xhat.dtype)
+        steps = unfold_time(grad_out, T).to(xhat.dtype)
+        G = T * torch.tensordot(w, steps, dims=([0], [0])) / w.sum()
+        upper = v * tau / dt
+        grad_x = grad_vth = None
+        if ctx.needs_input_grad[0]:
+            in_range = (xhat > 0) & (xhat < upper)
+            grad_step = (G / (tau * T)) * in_range
+            grad_x = fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)).to(grad_out.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_vth = (ctx.vth_grad_scale * dt * (G * (xhat > upper)).sum()).to(ctx.vth_dtype)
+        return grad_x, grad_vth, None, None, None, None, None
+
+
+class _DSRNeuron(SpikingNeuron):
+    """Shared threshold handling of the DSR IF and LIF neurons."""
+
+    def __init__(self, T: int, vth: float, alpha: float, vth_bound: float, vth_grad_scale: float,
+                 train_vth: bool):
+        super().__init__(T)
+        check_positive("vth", vth)
+        check_positive("vth_bound", vth_bound)
+        if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1] (firing factor), got {alpha!r}")
+        if not isinstance(vth_grad_scale, (int, float)) or not math.isfinite(vth_grad_scale) or vth_grad_scale < 0:
+            raise ValueError(f"vth_grad_scale must be a finite number >= 0, got {vth_grad_scale!r}")
+        self.alpha = float(alpha)
+        self.vth_bound = float(vth_bound)
+        self.vth_grad_scale = float(vth_grad_scale)
+        self.vth = nn.Parameter(torch.tensor(float(vth)), requires_grad=bool(train_vth))
+
+    def clamp_threshold(self) -> None:
+        """V <- max(V, vth_bound), in place (DSR.md section 3)."""
+        with torch.no_grad():
+            self.vth.clamp_(min=self.vth_bound)
+
+    def extra_repr(self) -> str:
+        return (f"T={self.T}, vth={self.vth.item():.4g}, alpha={self.alpha}, vth_bound={self.vth_bound}, "
+                f"vth_grad_scale={self.vth_grad_scale}, train_vth={self.vth.requires_grad}")
+
+
+class DSRIF(_DSRNeuron):
+    """DSR integrate-and-fire neuron; spikes of amplitude `vth`; decodes by the rate.
+
+    Args:
+        T: time steps merged into the batch, input `[T*B, ...]`.
+        vth: initial threshold V (> 0), a trainable scalar parameter `self.vth`.
+        alpha: firing factor in (0, 1]: fire when u >= alpha*V, reset by V.
+        vth_bound: lower bound V_bound (> 0) applied to V before every forward.
+        vth_grad_scale: k_V, the factor on the threshold gradient (1 CIFAR/DVS, 0.001 ImageNet).
+        train_vth: whether V receives gradients.
+    """
+
+    def __init__(self, T: int, vth: float = 6.0, alpha: float = 0.5, vth_bound: float = 0.01,
+                 vth_grad_scale: float = 1.0, train_vth: bool = True):
+        super().__init__(T, vth, alpha, vth_bound, vth_grad_scale, train_vth)
+
+    def forward(self, x: Tensor) -> Tensor:
+        unfold_time(x, self.T)
+        self.clamp_threshold()
+        return _DSRIFFunction.apply(x, self.vth, self.T, self.alpha, self.vth_grad_scale)
+
+
+class DSRLIF(_DSRNeuron):
+    """DSR leaky integrate-and-fire neuron; outputs `spike/dt`; decodes by the weighted rate.
+
+    Args:
+        T, vth, alpha, vth_bound, vth_grad_scale, train_vth: as `DSRIF`.
+        tau: membrane time constant (> 0, fixed, not trained); beta = exp(-dt/tau).
+        dt: time step length (> 0); also scales the threshold gradient by dt (DSR.md section 3).
+    """
+
+    def __init__(self, T: int, vth: float = 0.3, alpha: float = 0.3, vth_bound: float = 5e-4,
+                 tau: float = 1.0, dt: float = 0.05, vth_grad_scale: float = 1.0, train_vth: bool = True):
+        super().__init__(T, vth, alpha, vth_bound, vth_grad_scale, train_vth)
+        self.tau = check_positive("tau", tau)
+        self.dt = check_positive("dt", dt)
+
+    def forward(self, x: Tensor) -> Tensor:
+        unfold_time(x, self.T)
+        self.clamp_threshold()
+        return _DSRLIFFunction.apply(x, self.vth, self.T, self.alpha, self.tau, self.dt, self.vth_grad_scale)
+
+    def decode(self, y: Tensor) -> Tensor:
+        return weighted_rate(y, self.T, self.tau, self.dt)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tau={self.tau}, dt={self.dt}"

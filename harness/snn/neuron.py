@@ -1,0 +1,27 @@
+"""The base class every spiking neuron of the harness derives from.
+
+A neuron is an `nn.Module` on time-merged, time-major input `[T*B, ...]` (DESIGN.md "Conventions") that
+returns spikes of the same shape and knows how to decode its own output into a `[B, ...]`
+representation (`decode`). Statistics (firing rates) and `spikify` find neurons by this class.
+"""
+
+from torch import Tensor, nn
+
+from harness.snn.coding import rate
+from harness.snn.time import check_time_steps
+
+
+class SpikingNeuron(nn.Module):
+    """A spiking layer over `T` time steps merged into the batch dimension.
+
+    Args:
+        T: time steps (>= 1).
+    """
+
+    def __init__(self, T: int):
+        super().__init__()
+        self.T = check_time_steps(T)
+
+    def decode(self, y: Tensor) -> Tensor:
+        """Representation of this neuron's output `[T*B, ...]` as `[B, ...]` (default: the rate)."""
+        return rate(y, self.T)
