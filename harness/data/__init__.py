@@ -9,12 +9,15 @@ batches a pure function of (seed, epoch, rank), so resumed runs see the batches 
 
 from harness.data import cifar, embedded, imagenet  # noqa: F401  (imported to register their builders)
 from harness.data.loaders import build_loaders, set_epoch
+from harness.data.pipeline import Pipeline, build_pipeline
 from harness.data.registry import DATASETS, DataError, DataSplits, build_datasets, register_dataset
 
 __all__ = [
     "DATASETS",
     "DataError",
     "DataSplits",
+    "Pipeline",
+    "build_pipeline",
     "build_datasets",
     "build_loaders",
     "register_dataset",

@@ -80,9 +80,12 @@ def prepare_run(recipe: Recipe, source: str, resume: str | None) -> tuple[Path, 
     return run_dir, state
 
 
-def launch(recipe: Recipe, source: str, resume: str | None = None, process: ProcessInfo = ProcessInfo(),
-           echo=print) -> dict[str, Any]:
-    """Train `recipe` (from file `source`) to the end; return the summary."""
+def launch(recipe: Recipe, source: str, resume: str | None = None, process: ProcessInfo | None = None,
+           echo=print, on_epoch_end=None, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train `recipe` (from file `source`) to the end; return the summary.
+
+    `on_epoch_end(epoch, metrics)` is handed to `Trainer.fit`; `parent_run_id` nests the MLflow run."""
+    process = process or ProcessInfo()
     run_dir, state = prepare_run(recipe, source, resume)
     trainer = Trainer(recipe, run_dir, source=source, resume=state, process=process)
     if process.is_main:
@@ -91,8 +94,9 @@ def launch(recipe: Recipe, source: str, resume: str | None = None, process: Proc
         where = f"resuming at epoch {trainer.epoch}" if state else "new run"
         echo(f"{recipe.name}: {where} in {run_dir}; {trainer.iters_per_epoch} steps/epoch on {trainer.device}")
     resume_run_id = state.get("mlflow_run_id") if state else None
-    with Tracker(recipe, resume_run_id=resume_run_id, enabled=process.is_main) as tracker:
-        summary = trainer.fit(tracker)
+    with Tracker(recipe, resume_run_id=resume_run_id, enabled=process.is_main,
+                 parent_run_id=parent_run_id) as tracker:
+        summary = trainer.fit(tracker, on_epoch_end=on_epoch_end)
         summary["tracking_uri"] = tracking_uri(recipe)
         summary["experiment"] = recipe.track.experiment
         tracker.log_summary(summary)

@@ -12,6 +12,7 @@ The process group, if any, is the engine's business: the trainer only asks `dist
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,14 +85,16 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, run_dir: Path, source: str = "recipe", resume: dict | None = None,
-                 process: ProcessInfo = ProcessInfo()):
+                 process: ProcessInfo | None = None):
+        process = process or ProcessInfo()
         self.recipe, self.run_dir, self.source, self.process = recipe, Path(run_dir), source, process
         if recipe.engine.threads:
             torch.set_num_threads(recipe.engine.threads)
         seed_everything(recipe.seed)
         self.device = pick_device(recipe, process, source)
-        self.data = self._build_data()
-        info = methods.DataInfo(self.data.num_classes, tuple(self.data.input_shape), source)
+        self.data = datasets.build_pipeline(recipe.data, recipe.seed, process.rank, process.world_size)
+        self.train_loader, self.val_loader = self.data.train, self.data.val
+        info = methods.DataInfo(self.data.num_classes, self.data.input_shape, source)
         self.method = methods.build(recipe, info)
         self.model = self.method.model.to(self.device)
         self.num_classes = recipe.model.num_classes or self.data.num_classes
@@ -99,7 +102,7 @@ class Trainer:
         self.iters_per_epoch = len(self.train_loader)
         if self.iters_per_epoch == 0:
             raise RecipeError(f"{source}: data.batch_size: {recipe.data.batch_size} is larger than the training "
-                              f"set ({len(self.data.train)} samples) and batches drop the remainder")
+                              f"set ({self.data.train_size} samples) and batches drop the remainder")
         self.scheduler = build_scheduler(self.optimizer, self.iters_per_epoch, recipe.optim.epochs,
                                          recipe.optim.warmup_iters, recipe.optim.schedule)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.engine.precision]
@@ -108,16 +111,6 @@ class Trainer:
         self.mlflow_run_id: str | None = None
         if resume is not None:
             self.load_state(resume)
-
-    def _build_data(self):
-        d, p = self.recipe.data, self.process
-        splits = datasets.build_datasets(d.dataset, d.root, augment=d.augment)
-        per_process = max(1, d.batch_size // p.world_size)
-        eval_per_process = max(1, (d.eval_batch_size or d.batch_size) // p.world_size)
-        self.train_loader, self.val_loader = datasets.build_loaders(
-            splits, per_process, eval_per_process, d.workers, self.recipe.seed, rank=p.rank,
-            world_size=p.world_size)
-        return splits
 
     # ----------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -193,6 +186,8 @@ class Trainer:
         metrics = {"test/loss": totals[0].item() / n, "test/acc1": 100.0 * totals[1].item() / n}
         if self.num_classes > 5:
             metrics["test/acc5"] = 100.0 * totals[2].item() / n
+        if self.method.extra_eval is not None:
+            metrics.update(self.method.extra_eval(self))
         if self.method.spiking:
             metrics["firing_rate/mean"] = monitor.mean_rate()
             metrics.update({f"firing_rate/{name}": r for name, r in monitor.rates().items()})
@@ -213,12 +208,15 @@ class Trainer:
             checkpoint.save_atomic({"model": state["model"], "recipe": state["recipe"], "epoch": self.epoch,
                                     "best_acc1": self.best_acc1}, self.run_dir / checkpoint.BEST)
 
-    def fit(self, tracker) -> dict[str, Any]:
-        """Train from `self.epoch` to `optim.epochs`; log to `tracker`; return the summary."""
+    def fit(self, tracker, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        """Train from `self.epoch` to `optim.epochs`; log to `tracker`; return the summary.
+
+        `on_epoch_end(epoch, metrics)` runs after each epoch's checkpoint (e.g. to report to Ray Tune)."""
         self.mlflow_run_id = tracker.run_id
         epochs, start, history = self.recipe.optim.epochs, time.perf_counter(), []
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-                   TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[speed]}"), TextColumn("{task.fields[loss]}"), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn()]
         with Progress(*columns, transient=True, disable=not self.process.is_main) as progress:
             while self.epoch < epochs:
                 metrics = self.train_epoch(progress)
@@ -231,7 +229,9 @@ class Trainer:
                 self.save(is_best)
                 history.append(metrics)
                 if self.process.is_main:
-                    progress.console.print(self.epoch_line(metrics))
+                    progress.console.print(self.epoch_line(metrics), soft_wrap=True)
+                if on_epoch_end is not None:
+                    on_epoch_end(self.epoch, metrics)
         final = history[-1] if history else {}
         return {
             "recipe": self.recipe.name, "epochs": self.epoch, "final_test_acc1": final.get("test/acc1", math.nan),

@@ -7,8 +7,8 @@ so comparisons are fair by construction (DESIGN.md).
 
 from collections.abc import Callable
 
-from harness.methods.base import DataInfo, MethodModel, create_backbone
 from harness.methods import ann, dsr
+from harness.methods.base import DataInfo, MethodModel, create_backbone
 from harness.recipe import Recipe
 
 METHODS: dict[str, Callable[[Recipe, DataInfo], MethodModel]] = {

@@ -1,7 +1,8 @@
 """What every method hands the trainer: a model that maps a batch to logits, and its loss."""
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -30,16 +31,18 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MethodModel:
-    """`model(x) -> logits [B, classes]`; `loss(outputs, target)`; `spiking` if it has neurons.
+    """`model(x) -> logits [B, classes]`; `loss(logits, target)`; `spiking` if it has neurons.
 
     `forward_loss(x, y)` -> (loss, logits): the training step's whole forward; a method whose loss
-    needs more than the logits (per-step losses) overrides it by passing `step_loss`.
+    needs more than the logits (per-step losses) subclasses and overrides it.
+    `extra_eval(trainer) -> metrics`, if set, runs after each evaluation (e.g. a converted SNN at
+    several T) and its metrics are logged with the others.
     """
 
     model: nn.Module
     spiking: bool
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
-    extra: dict = field(default_factory=dict)
+    extra_eval: Callable[[Any], dict[str, float]] | None = None
 
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
@@ -50,7 +53,7 @@ def create_backbone(recipe: Recipe, data: DataInfo, act_layer: type[nn.Module] |
     """The ANN backbone of the recipe, from timm's registry (ours are registered by harness.models)."""
     name = recipe.model.backbone
     if not timm.is_model(name):
-        ours = ", ".join(sorted(timm.list_models("preact_*") + timm.list_models("snn_*") + timm.list_models("vgg*_dvs")))
+        ours = ", ".join(sorted(timm.list_models(["preact_*", "snn_*", "vgg*_dvs"])))
         raise RecipeError(f"{data.source}: model.backbone: unknown backbone {name!r}; "
                           f"ours: {ours}; or any name in timm.list_models()")
     in_chans = data.input_shape[-3]

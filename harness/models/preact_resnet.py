@@ -131,7 +131,7 @@ class PreActResNet(nn.Module):
 
         stages = []
         in_chs = WIDTHS[0]
-        for num_blocks, out_chs, stride in zip(layers, WIDTHS, STAGE_STRIDES):
+        for num_blocks, out_chs, stride in zip(layers, WIDTHS, STAGE_STRIDES, strict=True):
             blocks = []
             for block_idx in range(num_blocks):
                 blocks.append(PreActBasicBlock(

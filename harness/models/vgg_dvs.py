@@ -12,8 +12,6 @@ Stages [64, M], [128, M], [256, 256, M], [512, 512, M], [512, 512, M], each numb
 adaptive pool repeats to 7x7, as in the reference code.
 """
 
-from collections import OrderedDict
-
 import torch
 from timm.layers import get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model

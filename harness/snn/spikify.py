@@ -12,7 +12,7 @@ module per place); a module attribute that shares its instance with another gets
 """
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
