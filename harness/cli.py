@@ -1,7 +1,9 @@
 """The `harness` command: one function per verb (DESIGN.md). Bad input: one line on stderr, exit 2."""
 
+import os
 import signal
 import sys
+import time
 
 import click
 
@@ -24,17 +26,198 @@ def main() -> None:
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN_DIR]",
               help="Continue from a run folder's last.pt; alone: the newest run of this recipe.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
-def launch(recipe: str, overrides: tuple[str, ...], resume: str | None, dry_run: bool) -> None:
-    """Train the model a RECIPE (YAML) describes."""
-    from harness.recipe import load_recipe, recipe_to_yaml
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Start N processes on this machine (torchrun); engine.kind must be ddp or deepspeed.")
+def launch(recipe: str, overrides: tuple[str, ...], resume: str | None, dry_run: bool, nproc: int | None) -> None:
+    """Train the model a RECIPE (YAML) describes. Under torchrun, SLURM (srun) or MPI, join that job."""
+    from harness.recipe import RecipeError, load_recipe, recipe_to_yaml
 
     resolved = load_recipe(recipe, overrides)
     if dry_run:
         click.echo(recipe_to_yaml(resolved), nl=False)
         return
+    if nproc is not None and nproc > 1:
+        from harness.engine.distributed import detect_process
+
+        if detect_process().distributed:
+            raise RecipeError("--nproc: this process is already one of a distributed job; drop --nproc")
+        if resolved.engine.kind == "single":
+            raise RecipeError(f"{recipe}: engine.kind: single runs one process; use -o engine.kind=ddp "
+                              f"(or deepspeed) with --nproc {nproc}")
+        args = ["launch", recipe, *(f"--override={o}" for o in overrides)]
+        args += [f"--resume={resume}"] if resume is not None else []
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        sys.stdout.flush()
+        os.execv(sys.executable, [*torchrun, "-m", "harness.cli", *args])
     from harness.engine.launch import launch as run_launch
 
     run_launch(resolved, recipe, resume=resume, echo=click.echo)
+
+
+FFCV_DATASETS = ("cifar10", "cifar100", "imagenet", "dvs_cifar10")
+
+
+@main.group()
+def data() -> None:
+    """Prepare data sets (FFCV .beton files)."""
+
+
+@data.command("write-ffcv")
+@click.option("--dataset", required=True, help=f"One of {', '.join(FFCV_DATASETS)}.")
+@click.option("--root", required=True, type=click.Path(), help="The data set's folder in its standard layout.")
+@click.option("--split", required=True, type=click.Choice(["train", "val"]))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .beton file to write.")
+@click.option("--max-res", type=click.IntRange(min=1), default=None, help="Longest stored image side (ImageNet).")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=90, show_default=True)
+@click.option("--write-mode", type=click.Choice(["raw", "jpg", "smart", "proportion"]), default=None,
+              help="FFCV image storage; default raw for CIFAR, jpg for ImageNet.")
+@click.option("--frames", type=click.IntRange(min=1), default=20, show_default=True,
+              help="T, frames per DVS sample (must equal the recipe's method.T).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Writer processes.")
+def write_ffcv(dataset: str, root: str, split: str, out: str, max_res: int | None, jpeg_quality: int,
+               write_mode: str | None, frames: int, workers: int) -> None:
+    """Write one split of a data set to an FFCV .beton file (atomically: temp file, then rename)."""
+    from harness.data.pipeline import ffcv_import_error
+    from harness.data.registry import DataError
+
+    if dataset not in FFCV_DATASETS:
+        raise DataError(f"--dataset: unknown dataset {dataset!r} for FFCV; allowed: {', '.join(FFCV_DATASETS)}")
+    missing = ffcv_import_error()
+    if missing:
+        raise DataError(f"data write-ffcv: ffcv does not import ({missing}); install the ffcv extra")
+    from harness.data.ffcv import write_beton
+
+    start = time.perf_counter()
+    count = write_beton(dataset, root, split, out, max_resolution=max_res, jpeg_quality=jpeg_quality,
+                        write_mode=write_mode, workers=workers, frames=frames)
+    click.echo(f"wrote {count} {dataset} {split} samples to {out} in {time.perf_counter() - start:.1f} s")
+
+
+@main.group()
+def bench() -> None:
+    """Measure the harness's parts on this machine."""
+
+
+@bench.command("loader")
+@click.option("--dataset", required=True)
+@click.option("--loader", "kind", required=True, type=click.Choice(["ffcv", "torch"]))
+@click.option("--root", type=click.Path(), default=None, help="Data set folder (loader torch).")
+@click.option("--beton", type=click.Path(dir_okay=False), default=None, help=".beton file of the split (loader ffcv).")
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="torch: worker processes; ffcv: decoding threads.")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Training augmentations (train split).")
+@click.option("--frames", type=click.IntRange(min=1), default=None, help="T of DVS samples.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed batches first.")
+@click.option("--batches", type=click.IntRange(min=1), default=50, show_default=True, help="Timed batches.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="results/bench", show_default=True)
+def bench_loader(dataset: str, kind: str, root: str | None, beton: str | None, split: str, batch_size: int,
+                 workers: int, augment: bool, frames: int | None, warmup: int, batches: int, out_dir: str) -> None:
+    """Images/s of one split's loader at steady state (after warm-up); the result is saved as JSON."""
+    from harness.data.throughput import measure_loader, open_loader, write_result
+
+    loader = open_loader(dataset, kind, split, root, beton, batch_size, workers, augment and split == "train",
+                         frames)
+    result = measure_loader(loader, warmup, batches)
+    result.update(dataset=dataset, loader=kind, split=split, batch_size=batch_size, workers=workers,
+                  augment=augment and split == "train", warmup=warmup, source=beton or root)
+    path = write_result(result, out_dir)
+    click.echo(f"{dataset} {split} via {kind}: {result['images_per_s']:,.0f} images/s "
+               f"({result['samples']} samples in {result['seconds']:.2f} s after {warmup} warm-up batches); {path}")
+
+
+@main.command()
+@click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, metavar="auto|ray://HOST:PORT",
+              help="Join a running Ray cluster; default: start Ray here.")
+@click.option("--dry-run", is_flag=True, help="List the trials and exit.")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[SWEEP_DIR]",
+              help="Continue an interrupted sweep; alone: the newest one of this sweep name.")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a recipe field in every trial (repeatable).")
+@click.option("--only", default=None, metavar="VARIANT[,VARIANT]", help="Run only these variants.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of a Ray started here.")
+def sweep(sweep_file: str, address: str | None, dry_run: bool, resume: str | None, overrides: tuple[str, ...],
+          only: str | None, num_cpus: int | None) -> None:
+    """Run the Ray Tune sweep a SWEEP file (YAML) describes; each trial is one launch and one MLflow run."""
+    from harness.sweep import describe, expand, load_sweep, run_sweep
+
+    variants = tuple(v.strip() for v in only.split(",")) if only else ()
+    if dry_run:
+        click.echo(describe(expand(load_sweep(sweep_file), sweep_file, overrides, variants)))
+        return
+    summary = run_sweep(sweep_file, overrides, variants, address=address, resume=resume, num_cpus=num_cpus,
+                        echo=click.echo)
+    runs = ", ".join(f"{count} {status}" for status, count in summary["runs"].items())
+    click.echo(f"sweep {summary['sweep_id']}: {summary['status']}; runs: {runs}; MLflow parent run "
+               f"{summary['parent_run_id']} in experiment '{summary['experiment']}' at {summary['tracking_uri']}")
+    click.echo(f"table: harness table --experiment {summary['experiment']} --sweep {summary['sweep_id']} "
+               f"--tracking-uri {summary['tracking_uri']}")
+    if summary["status"] == "KILLED":
+        click.echo(f"interrupted; continue with: harness sweep {sweep_file} --resume {summary['experiment_dir']}",
+                   err=True)
+        sys.exit(130)
+    if summary["failed_trials"]:
+        click.echo(f"failed trials (after their retries): {', '.join(summary['failed_trials'])}", err=True)
+        sys.exit(1)
+
+
+def _tracking_uri(given: str | None) -> str:
+    from harness.track import tracking_uri
+
+    return given or tracking_uri()
+
+
+@main.command()
+@click.option("--experiment", required=True, help="MLflow experiment name.")
+@click.option("--sweep", "sweep_id", default=None, help="Only the runs of this sweep id.")
+@click.option("--rows", default="method,neuron", show_default=True, help="Keys (tags or params) of the rows.")
+@click.option("--cols", default="T", show_default=True, help="Key of the columns ('' for one column).")
+@click.option("--metric", default="test/acc1", show_default=True)
+@click.option("--agg", type=click.Choice(["mean_std", "mean", "min", "max"]), default="mean_std", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["md", "latex", "csv"]), default="md", show_default=True)
+@click.option("--reference", "references", multiple=True, type=click.Path(),
+              help="YAML of published numbers, or a folder of them (repeatable).")
+@click.option("--precision", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of printing.")
+@click.option("--tracking-uri", default=None, help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")
+def table(experiment: str, sweep_id: str | None, rows: str, cols: str, metric: str, agg: str, fmt: str,
+          references: tuple[str, ...], precision: int, output: str | None, tracking_uri: str | None) -> None:
+    """Comparison table of FINISHED MLflow runs: a metric aggregated over seeds, rows x columns."""
+    from pathlib import Path
+
+    from harness.report import comparison
+
+    keys = [k.strip() for k in rows.split(",") if k.strip()]
+    text = comparison(experiment, _tracking_uri(tracking_uri), keys, cols.strip() or None, metric, agg, fmt,
+                      sweep=sweep_id, references=references, precision=precision,
+                      note=lambda line: click.echo(line, err=True))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text if text.endswith("\n") else text + "\n")
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.option("--experiment", required=True, help="MLflow experiment name.")
+@click.option("--sweep", "sweep_id", default=None, help="Only the runs of this sweep id.")
+@click.option("--metric", default="test/acc1", show_default=True)
+@click.option("--energy", default="efficiency/energy_uj", show_default=True, help="Energy metric (right panel x).")
+@click.option("--series", default="method,neuron", show_default=True, help="Keys that name a curve.")
+@click.option("--x", "x_key", default="T", show_default=True, help="Key of the left panel's x axis.")
+@click.option("--output", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
+@click.option("--tracking-uri", default=None, help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")
+def plot(experiment: str, sweep_id: str | None, metric: str, energy: str, series: str, x_key: str, output: str,
+         tracking_uri: str | None) -> None:
+    """Accuracy vs T and accuracy vs energy per method, from FINISHED MLflow runs, to PNG."""
+    from harness.report import plot as draw
+
+    keys = [k.strip() for k in series.split(",") if k.strip()]
+    path = draw(experiment, _tracking_uri(tracking_uri), output, metric, energy, keys, x_key, sweep_id)
+    click.echo(f"wrote {path}")
 
 
 def run() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
 
@@ -42,6 +42,7 @@ class DataConfig(Section):
     eval_batch_size: PositiveInt | None = None  # default: batch_size
     workers: NonNegativeInt = 0  # loader worker processes per training process
     augment: bool = True  # the training augmentations of DSR.md section 5
+    frames: PositiveInt | None = None  # frames per sample of an event data set (dvs_cifar10); must equal method.T
 
 
 class ModelConfig(Section):
@@ -57,16 +58,39 @@ class ModelConfig(Section):
 class ThresholdConfig(Section):
     """The firing threshold V of every DSR neuron (DSR.md sections 1 and 3)."""
 
-    init: PositiveFloat | None = None  # initial V; default IF 6.0, LIF 0.3
+    init: PositiveFloat | Literal["calibrate"] | None = None  # initial V; default IF 6.0, LIF 0.3; 'calibrate':
+    # from the ANN's activations (method.init.calibrate)
     bound: PositiveFloat | None = None  # V_bound: V <- max(V, bound) before every forward; IF 0.01, LIF 5e-4
     grad_scale: NonNegativeFloat = 1.0  # k_V: 1 for CIFAR/DVS, 0.001 for ImageNet IF
     train: bool = True
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _number_or_calibrate(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "calibrate":
+            raise ValueError(f"a number > 0 or 'calibrate' (got {value!r})")
+        return value
 
 
 class AnnMethod(Section):
     """The backbone trained as an ANN with its activations (the accuracy DSR is compared with)."""
 
     name: Literal["ann"] = "ann"
+
+
+class CalibrateConfig(Section):
+    """Thresholds from the ANN (DSR.md section 4): each layer's V = that percentile of its post-ReLU outputs on
+    the first training batches of a new run (times dt for LIF)."""
+
+    percentile: Annotated[float, Field(gt=0, le=100)] = 99.9
+    batches: PositiveInt = 5  # training batches the ANN sees
+
+
+class InitConfig(Section):
+    """DSR's hybrid start (DSR.md section 4): begin from a trained ANN of the same backbone."""
+
+    ann_checkpoint: str | None = None  # a `method: ann` checkpoint of this backbone (best.pt / last.pt); BN included
+    calibrate: CalibrateConfig | None = None  # set thresholds from the ANN; implies vth.init 'calibrate'
 
 
 class DSRMethod(Section):
@@ -79,10 +103,17 @@ class DSRMethod(Section):
     vth: ThresholdConfig = Field(default_factory=ThresholdConfig)
     tau: PositiveFloat = 1.0  # LIF membrane constant (fixed)
     dt: PositiveFloat | None = None  # LIF step length; default 0.05
+    init: InitConfig = Field(default_factory=InitConfig)  # hybrid start; default: random weights, vth.init
 
     @model_validator(mode="after")
     def _neuron_defaults(self) -> "DSRMethod":
         lif = self.neuron == "lif"
+        if self.init.calibrate is not None and self.vth.init not in (None, "calibrate"):
+            raise ValueError(f"vth.init is {self.vth.init} but init.calibrate is set; use vth.init: calibrate "
+                             f"or drop init.calibrate")
+        if self.vth.init == "calibrate" or self.init.calibrate is not None:
+            self.vth.init = "calibrate"
+            self.init.calibrate = self.init.calibrate or CalibrateConfig()
         if self.alpha is None:
             self.alpha = 0.3 if lif else 0.5
         if self.vth.init is None:
@@ -94,8 +125,47 @@ class DSRMethod(Section):
         return self
 
 
-Method = Annotated[AnnMethod | DSRMethod, Field(discriminator="name")]
-_METHODS: dict[str, type[Section]] = {"ann": AnnMethod, "dsr": DSRMethod}
+class SurrogateConfig(Section):
+    """The surrogate derivative of the spike (harness/snn/surrogate.py)."""
+
+    name: Literal["rectangular", "triangle", "arctan"] = "triangle"  # STBP's, TET's, SpikingJelly's ATan
+    width: PositiveFloat = 1.0  # rectangular window / triangle half-base (TET's gamma)
+    slope: PositiveFloat = 2.0  # arctan steepness (SpikingJelly's alpha)
+
+
+class SGMethod(Section):
+    """Direct training: 0/1-spike IF or LIF neurons, surrogate gradients, backpropagation through time."""
+
+    name: Literal["sg"] = "sg"
+    neuron: Literal["if", "lif"] = "lif"
+    T: PositiveInt = 4
+    vth: PositiveFloat = 1.0  # threshold V (fixed)
+    leak: Annotated[float, Field(gt=0, le=1)] = 0.5  # LIF: u_t = leak*u_{t-1} + x_t (TET's code: 0.5); IF: 1
+    reset: Literal["hard", "soft"] = "hard"  # hard: u -> 0 after a spike (STBP, TET); soft: u -> u - V
+    detach_reset: bool = False  # no gradient through the reset
+    surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig)
+    loss: Literal["sdt", "tet"] = "sdt"  # sdt: CE of the time-averaged output; tet: mean over t of per-step CE
+    tet_lambda: Annotated[float, Field(ge=0, le=1)] = 1e-3  # tet: (1-lambda)*CE_TET + lambda*MSE(O_t, phi)
+    tet_phi: float = 1.0  # tet: the MSE's constant target
+    tdbn: bool = False  # threshold-dependent BN (Zheng et al. 2021): every BN weight starts at alpha_bn * vth
+    alpha_bn: PositiveFloat = 1.0  # tdbn's alpha
+    readout: Literal["analog", "spikes"] = "analog"  # analog: the output layer has no neuron, logits = time mean
+    # of its BN1d output (STBP-tdBN, TET); spikes: logits = rate of its 0/1 spikes
+
+
+class QCFSMethod(Section):
+    """ANN-to-SNN conversion (Bu et al., ICLR 2022): train with QCFS activations, evaluate the IF conversion."""
+
+    name: Literal["qcfs"] = "qcfs"
+    T: PositiveInt = 4  # the latency whose SNN accuracy is the run's test/acc1
+    L: PositiveInt = 4  # quantization levels of QCFS
+    lambda_init: PositiveFloat = 8.0  # initial clip lambda of every layer (trainable)
+    eval_T: Annotated[list[PositiveInt], Field(min_length=1)] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32])  # the SNN is evaluated at each: test/acc1_T{T}
+
+
+Method = Annotated[AnnMethod | DSRMethod | SGMethod | QCFSMethod, Field(discriminator="name")]
+_METHODS: dict[str, type[Section]] = {"ann": AnnMethod, "dsr": DSRMethod, "sg": SGMethod, "qcfs": QCFSMethod}
 
 
 class OptimConfig(Section):
@@ -113,13 +183,29 @@ class OptimConfig(Section):
     grad_clip: PositiveFloat | None = None  # max global grad norm
 
 
+class DeepSpeedConfig(Section):
+    """DeepSpeed settings (engine.kind deepspeed). The three batch numbers are always derived from the recipe:
+    train_batch_size = data.batch_size = micro batch per process * engine.grad_accum * processes."""
+
+    stage: Annotated[int, Field(ge=0, le=3)] = 2  # ZeRO stage
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer states (and the step) on the CPU
+    offload_param: bool = False  # ZeRO 3 only: parameters on the CPU
+    gradient_clipping: PositiveFloat | None = None  # default: optim.grad_clip
+    config: str | None = None  # a full DeepSpeed JSON file; its batch fields must agree with the recipe
+
+
 class EngineConfig(Section):
-    """Where and how the steps run."""
+    """Where and how the steps run: one process, DDP, or DeepSpeed (harness/engine/distributed.py)."""
 
     kind: Literal["single", "ddp", "deepspeed"] = "single"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda where available
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on CUDA; bf16 autocast on CPU
     threads: PositiveInt | None = None  # torch CPU threads per process (default: torch's)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # process-group backend; auto: nccl on CUDA, else gloo
+    sync_bn: bool = False  # batch norm statistics over the global batch (all processes)
+    grad_accum: PositiveInt = 1  # micro-batches per optimizer step; data.batch_size stays the global batch
+    timeout_s: PositiveInt = 1800  # collective timeout: a hung or lost process fails the run after this
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
 
 class TrackConfig(Section):
@@ -130,6 +216,14 @@ class TrackConfig(Section):
     run_name: str | None = None  # default: the recipe name
     output_dir: str = "runs"  # checkpoints go to <output_dir>/<name>/<timestamp>/
     tags: dict[str, str] = Field(default_factory=dict)
+
+
+class EfficiencyConfig(Section):
+    """Energy per operation for the efficiency metrics of every evaluation (harness/snn/stats.py): the 45 nm
+    figures the SNN literature uses (Horowitz 2014), one 32-bit float multiply-accumulate and accumulate."""
+
+    mac_pj: PositiveFloat = 4.6  # picojoules per multiply-accumulate (analog layers, the ANN)
+    ac_pj: PositiveFloat = 0.9  # picojoules per accumulate (spike-driven synaptic operations)
 
 
 class Recipe(Section):
@@ -143,11 +237,19 @@ class Recipe(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     track: TrackConfig = Field(default_factory=TrackConfig)
+    efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
 
     @property
     def T(self) -> int | None:
         """Time steps of a spiking method, None for the ANN."""
         return getattr(self.method, "T", None)
+
+    @model_validator(mode="after")
+    def _frames_match_T(self) -> "Recipe":
+        if self.data.frames is not None and self.T is not None and self.data.frames != self.T:
+            raise ValueError(f"data.frames: must equal method.T ({self.T}): step t of the network sees frame t "
+                             f"(got {self.data.frames})")
+        return self
 
 
 def apply_override(raw: dict, override: str, source: str = "-o") -> None:
@@ -204,7 +306,8 @@ def _describe(error: dict, raw: dict) -> str:
     if kind == "union_tag_invalid":
         return f"{field}.name: unknown method {error['ctx']['tag']!r}; allowed: {', '.join(_METHODS)}"
     if kind == "value_error":
-        return f"{field}: {error['msg'].removeprefix('Value error, ')}"
+        message = error['msg'].removeprefix('Value error, ')
+        return f"{field}: {message}" if loc else message  # a cross-section check names its fields itself
     got = error.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{field}: {error['msg']}{got_text}"

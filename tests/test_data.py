@@ -5,96 +5,30 @@ through `numpy.core.multiarray._reconstruct`); ImageNet is a tree of small JPEG 
 """
 
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from fakedata import write_cifar10, write_cifar100, write_jpegs, write_python2_pickle
 
 from harness.data import DATASETS, DataError, DataSplits, build_datasets, build_loaders, set_epoch
 from harness.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from harness.data.embedded import DIGITS_MEAN, DIGITS_STD, MNIST_MEAN, MNIST_STD, per_class_head_split
 from harness.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
-NDARRAY_RECONSTRUCT = np.zeros(0).__reduce__()[0]
-
-
-class Python2Pickler(pickle._Pickler):
-    """Pickles `bytes` as Python 2 `str` and numpy's reconstructor under its Python 2 module name."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_python2_str(self, obj: bytes) -> None:
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_python2_str
-
-    def save_global(self, obj, name=None):
-        if obj is NDARRAY_RECONSTRUCT:
-            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
-
-
-def write_python2_pickle(path: Path, obj: object) -> None:
-    with path.open("wb") as file:
-        Python2Pickler(file, protocol=2).dump(obj)
-
-
-def write_cifar_batch(
-    path: Path, images: np.ndarray, labels: list[int], label_key: bytes, extra: dict | None = None
-) -> None:
-    """One batch file as in the distribution: `data` uint8 [N, 3072] (planes R, G, B), labels as a list."""
-    entry = {
-        b"batch_label": b"training batch 1 of 5",
-        label_key: labels,
-        b"data": images.reshape(len(images), -1),
-        b"filenames": [f"image_{i}.png".encode() for i in range(len(images))],
-        **(extra or {}),
-    }
-    write_python2_pickle(path, entry)
-
 
 @pytest.fixture
 def cifar10_root(tmp_path):
     """A CIFAR-10 tree with 5 train batches of 4 images and a test batch of 6; returns (root, images, labels)."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    images = rng.integers(0, 256, size=(26, 3, 32, 32), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=26).tolist()
-    for batch in range(5):
-        part = slice(4 * batch, 4 * batch + 4)
-        write_cifar_batch(folder / f"data_batch_{batch + 1}", images[part], labels[part], b"labels")
-    write_cifar_batch(folder / "test_batch", images[20:], labels[20:], b"labels")
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    write_python2_pickle(folder / "batches.meta", {b"num_cases_per_batch": 4, b"label_names": names, b"num_vis": 3072})
+    images, labels = write_cifar10(tmp_path, per_batch=4, test=6, seed=0)
     return tmp_path, images, labels
 
 
 @pytest.fixture
 def cifar100_root(tmp_path):
     """A CIFAR-100 tree with 8 train and 4 test images; returns (root, images, fine labels)."""
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    images = rng.integers(0, 256, size=(12, 3, 32, 32), dtype=np.uint8)
-    fine = rng.integers(0, 100, size=12).tolist()
-    coarse = [label // 5 for label in fine]
-    write_cifar_batch(folder / "train", images[:8], fine[:8], b"fine_labels", {b"coarse_labels": coarse[:8]})
-    write_cifar_batch(folder / "test", images[8:], fine[8:], b"fine_labels", {b"coarse_labels": coarse[8:]})
-    meta = {
-        b"fine_label_names": [f"fine_{i}".encode() for i in range(100)],
-        b"coarse_label_names": [f"coarse_{i}".encode() for i in range(20)],
-    }
-    write_python2_pickle(folder / "meta", meta)
+    images, fine = write_cifar100(tmp_path, train=8, test=4, seed=1)
     return tmp_path, images, fine
 
 
@@ -236,14 +170,6 @@ def test_cifar_pickle_cannot_run_code(cifar10_root):
 
 
 # --- ImageNet ------------------------------------------------------------------------------------------
-
-
-def write_jpegs(folder: Path, sizes: list[tuple[int, int]], seed: int) -> None:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for index, (width, height) in enumerate(sizes):
-        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"img_{index}.JPEG", quality=90)
 
 
 @pytest.fixture

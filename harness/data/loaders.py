@@ -21,6 +21,7 @@ per-rank accuracies.
 
 import random
 from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -135,8 +136,16 @@ def build_loaders(
     return train, val
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Put a loader from `build_loaders` at epoch `epoch` (call before each pass, train and resume alike)."""
-    if not isinstance(loader, SeededDataLoader):
-        raise TypeError(f"set_epoch needs a loader from build_loaders, got {type(loader).__name__}")
+@runtime_checkable
+class EpochLoader(Protocol):
+    """A loader whose pass e is epoch e's: `SeededDataLoader`, or `harness.data.ffcv.FfcvLoader`."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+def set_epoch(loader: EpochLoader, epoch: int) -> None:
+    """Put a loader from `build_loaders` or `build_pipeline` at epoch `epoch` (call before each pass, train and
+    resume alike)."""
+    if not isinstance(loader, EpochLoader):
+        raise TypeError(f"set_epoch needs a loader from build_loaders or build_pipeline, got {type(loader).__name__}")
     loader.set_epoch(epoch)

@@ -1,6 +1,6 @@
 """The data set registry: a name maps to a builder that returns the train and validation splits.
 
-A builder is `builder(root: str | None, augment: bool) -> DataSplits`; it registers itself with
+A builder is `builder(root: str | None, augment: bool, **options) -> DataSplits`; it registers itself with
 `@register_dataset(name)` (as timm's `@register_model` does) and is reached through
 `build_datasets(name, root, augment)`. Every item of `DataSplits.train` and `.val` is `(x, label)`:
 `x` a float32 tensor `[C, H, W]` normalised per channel, `x_c = (p_c - mean_c) / std_c` with `p_c` the
@@ -44,7 +44,7 @@ class DataSplits:
     std: tuple[float, ...]
 
 
-DatasetBuilder = Callable[[str | None, bool], DataSplits]
+DatasetBuilder = Callable[..., DataSplits]
 
 DATASETS: dict[str, DatasetBuilder] = {}
 
@@ -61,11 +61,12 @@ def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
     return register
 
 
-def build_datasets(dataset: str, root: str | None, augment: bool = True) -> DataSplits:
-    """Build the train and validation splits of the registered data set `dataset` found under `root`."""
+def build_datasets(dataset: str, root: str | None, augment: bool = True, **options) -> DataSplits:
+    """Build the train and validation splits of the registered data set `dataset` found under `root`;
+    `options` go to builders that take more (dvs_cifar10's `frames`)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r} (root {root}); allowed: {', '.join(sorted(DATASETS))}")
-    return DATASETS[dataset](root, augment)
+    return DATASETS[dataset](root, augment, **options)
 
 
 def require_directory(dataset: str, root: str | None, layout: str) -> Path:

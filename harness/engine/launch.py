@@ -4,17 +4,36 @@ Everything that can be wrong with the input (recipe, data root, backbone, resume
 before the MLflow run starts, so a rejected launch writes nothing to MLflow. Run folders are
 `<track.output_dir>/<name>/<YYYYmmdd-HHMMSS>/`; `--resume` without a folder takes the newest one of
 this recipe name that holds a `last.pt`.
+
+Several processes (torchrun, SLURM, MPI: `distributed.detect_process`) join one process group, rank 0
+alone picks the run folder (and resolves `--resume`) and broadcasts it, every rank loads the checkpoint
+(so `output_dir` must be on a file system all nodes share), and rank 0 alone tracks. The job fails as a
+whole: an error on rank 0 before training is raised on every rank; a process that dies fails the
+others' next collective at once (a hung one after `engine.timeout_s`), and the launcher (torchrun) then
+ends the rest with SIGTERM, which a distributed process turns into an error, so the MLflow run ends
+FAILED, not KILLED (one process: SIGTERM still means KILLED). Checkpoints are atomic: the last complete
+one survives. A DeepSpeed run in one process gets a one-process group of its own on 127.0.0.1.
 """
 
 import json
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from harness.engine import checkpoint
-from harness.engine.trainer import ProcessInfo, Trainer
+from harness.engine import checkpoint, distributed
+from harness.engine.distributed import ProcessInfo
+from harness.engine.trainer import Trainer, pick_device
+from harness.errors import HarnessError
 from harness.recipe import Recipe, RecipeError, recipe_to_yaml
 from harness.track import Tracker, tracking_uri
+
+
+class JobTornDown(RuntimeError):
+    """The launcher ended this process of a distributed job (SIGTERM): another process failed, or the job
+    was cancelled."""
 
 # Fields that may change between a checkpoint and the recipe that resumes it.
 RESUMABLE_CHANGES = ("engine", "track", "data.workers", "data.root", "data.loader", "data.train", "data.val",
@@ -80,19 +99,75 @@ def prepare_run(recipe: Recipe, source: str, resume: str | None) -> tuple[Path, 
     return run_dir, state
 
 
+def agree_on_run(recipe: Recipe, source: str, resume: str | None, process: ProcessInfo) -> tuple[Path, dict | None]:
+    """`prepare_run` on rank 0, its folder broadcast to every rank, which loads the same checkpoint; a
+    `HarnessError` on rank 0 is raised on every rank."""
+    if not process.distributed:
+        return prepare_run(recipe, source, resume)
+    outcome: dict[str, str | None] = {"run_dir": None, "error": None}
+    if process.is_main:
+        try:
+            run_dir, state = prepare_run(recipe, source, resume)
+            outcome["run_dir"] = str(run_dir)
+        except HarnessError as e:
+            outcome["error"] = str(e)
+            distributed.broadcast_object(outcome, process)
+            raise
+    outcome = distributed.broadcast_object(outcome, process)
+    if outcome["error"] is not None:
+        raise RecipeError(outcome["error"])
+    run_dir = Path(outcome["run_dir"])
+    if not process.is_main:
+        try:
+            state = checkpoint.load(run_dir / checkpoint.LAST) if resume is not None else None
+        except checkpoint.CheckpointError as e:
+            raise RecipeError(f"--resume on rank {process.rank}: {e} (track.output_dir must be on a file system "
+                              "every node shares)") from None
+    return run_dir, state
+
+
+def _torn_down(signum, _frame):
+    raise JobTornDown(f"signal {signum} from the launcher: the job is being torn down (another process failed "
+                      "or the job was cancelled)")
+
+
+@contextmanager
+def process_group(recipe: Recipe, process: ProcessInfo, source: str) -> Iterator[None]:
+    """Joined to the job's process group while inside (none for a one-process run that is not DeepSpeed)."""
+    if not process.distributed and recipe.engine.kind != "deepspeed":
+        yield
+        return
+    distributed.init_process_group(process, recipe.engine, pick_device(recipe, process, source), source)
+    previous = signal.signal(signal.SIGTERM, _torn_down) if process.distributed else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        distributed.teardown()
+
+
 def launch(recipe: Recipe, source: str, resume: str | None = None, process: ProcessInfo | None = None,
            echo=print, on_epoch_end=None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Train `recipe` (from file `source`) to the end; return the summary.
 
+    `process` defaults to what the environment says (`distributed.detect_process`).
     `on_epoch_end(epoch, metrics)` is handed to `Trainer.fit`; `parent_run_id` nests the MLflow run."""
-    process = process or ProcessInfo()
-    run_dir, state = prepare_run(recipe, source, resume)
+    process = process or distributed.detect_process()
+    with process_group(recipe, process, source):
+        return _train(recipe, source, resume, process, echo, on_epoch_end, parent_run_id)
+
+
+def _train(recipe: Recipe, source: str, resume: str | None, process: ProcessInfo, echo, on_epoch_end,
+           parent_run_id: str | None) -> dict[str, Any]:
+    run_dir, state = agree_on_run(recipe, source, resume, process)
     trainer = Trainer(recipe, run_dir, source=source, resume=state, process=process)
     if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         where = f"resuming at epoch {trainer.epoch}" if state else "new run"
-        echo(f"{recipe.name}: {where} in {run_dir}; {trainer.iters_per_epoch} steps/epoch on {trainer.device}")
+        procs = f" x {process.world_size} processes ({recipe.engine.kind})" if process.distributed else ""
+        echo(f"{recipe.name}: {where} in {run_dir}; {trainer.iters_per_epoch} steps/epoch on {trainer.device}{procs}")
     resume_run_id = state.get("mlflow_run_id") if state else None
     with Tracker(recipe, resume_run_id=resume_run_id, enabled=process.is_main,
                  parent_run_id=parent_run_id) as tracker:

@@ -7,13 +7,15 @@ so comparisons are fair by construction (DESIGN.md).
 
 from collections.abc import Callable
 
-from harness.methods import ann, dsr
+from harness.methods import ann, dsr, qcfs, sg
 from harness.methods.base import DataInfo, MethodModel, create_backbone
 from harness.recipe import Recipe
 
 METHODS: dict[str, Callable[[Recipe, DataInfo], MethodModel]] = {
     "ann": ann.build,
     "dsr": dsr.build,
+    "sg": sg.build,
+    "qcfs": qcfs.build,
 }
 
 

@@ -36,13 +36,16 @@ class MethodModel:
     `forward_loss(x, y)` -> (loss, logits): the training step's whole forward; a method whose loss
     needs more than the logits (per-step losses) subclasses and overrides it.
     `extra_eval(trainer) -> metrics`, if set, runs after each evaluation (e.g. a converted SNN at
-    several T) and its metrics are logged with the others.
+    several T) and its metrics are logged with the others (a key the evaluation also wrote is replaced).
+    `prepare(trainer)`, if set, runs once before the first epoch of a new run (never on resume): what
+    needs training batches before training starts (e.g. threshold calibration from an ANN).
     """
 
     model: nn.Module
     spiking: bool
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
     extra_eval: Callable[[Any], dict[str, float]] | None = None
+    prepare: Callable[[Any], None] | None = None
 
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)

@@ -2,27 +2,90 @@
 
 Logits are the output layer's spike representation (rate for IF, weighted rate for LIF); the loss is
 cross-entropy on them; thresholds are ordinary parameters (same optimizer and weight decay).
+
+Hybrid start (DSR.md section 4, the ImageNet recipe): `method.init.ann_checkpoint` loads a trained ANN of
+the same backbone (a `method: ann` checkpoint, `{"model": state_dict, ...}` or a bare state dict, BN
+included) before spikifying, so the SNN holds its weights under `body.`; `method.init.calibrate` then sets,
+once before the first epoch of a new run, every threshold to the `percentile` of its ANN activation over
+`batches` training batches, times dt for LIF (`harness.snn.convert`). Under a process group each rank
+calibrates on its own batches and rank 0's thresholds are broadcast, so all ranks start equal.
 """
 
+from itertools import islice
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from harness.methods.base import DataInfo, MethodModel, create_backbone
-from harness.recipe import DSRMethod, Recipe
-from harness.snn import DSRIF, DSRLIF, spikify
+from harness.recipe import DSRMethod, Recipe, RecipeError
+from harness.snn import DSRIF, DSRLIF, activation_percentiles, set_thresholds, spikify
+
+# Placeholder thresholds of neurons whose V comes from calibration (overwritten before the first step).
+_CALIBRATED_PLACEHOLDER = {"if": 6.0, "lif": 0.3}
 
 
 def neuron_factory(method: DSRMethod):
     """A zero-argument builder of fresh neurons with the recipe's knobs."""
-    common = dict(vth=method.vth.init, alpha=method.alpha, vth_bound=method.vth.bound,
+    vth = _CALIBRATED_PLACEHOLDER[method.neuron] if method.vth.init == "calibrate" else method.vth.init
+    common = dict(vth=vth, alpha=method.alpha, vth_bound=method.vth.bound,
                   vth_grad_scale=method.vth.grad_scale, train_vth=method.vth.train)
     if method.neuron == "lif":
         return lambda: DSRLIF(method.T, tau=method.tau, dt=method.dt, **common)
     return lambda: DSRIF(method.T, **common)
 
 
+def load_ann_weights(ann: nn.Module, path: str, source: str) -> None:
+    """Load a `method: ann` checkpoint into `ann`; RecipeError (one line, naming the file) if it does not fit."""
+    where = f"{source}: method.init.ann_checkpoint: {path}"
+    if not Path(path).is_file():
+        raise RecipeError(f"{where}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
+        raise RecipeError(f"{where}: not a readable torch checkpoint ({type(e).__name__})") from None
+    weights = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise RecipeError(f"{where}: holds no state dict (expected {{'model': state_dict, ...}} or a state dict)")
+    expected = ann.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        problems = [f"{len(missing)} missing keys (e.g. {missing[0]!r})" if missing else "",
+                    f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]!r})" if unexpected else "",
+                    f"{reshaped[0]!r} has shape {tuple(weights[reshaped[0]].shape)}, the backbone "
+                    f"{tuple(expected[reshaped[0]].shape)}" if reshaped else ""]
+        raise RecipeError(f"{where}: not an ANN of this backbone (model.backbone, model.num_classes): "
+                          + "; ".join(p for p in problems if p))
+    ann.load_state_dict(weights)
+
+
+def calibrator(ann: nn.Module, snn: nn.Module, method: DSRMethod, frames: bool):
+    """`prepare(trainer)`: thresholds from `ann`'s activations on the trainer's first training batches."""
+    settings = method.init.calibrate
+    scale = method.dt if method.neuron == "lif" else 1.0
+
+    def prepare(trainer) -> None:
+        ann.to(trainer.device)
+        batches = [x.to(trainer.device) for x, _ in islice(trainer.train_loader, settings.batches)]
+        if frames:  # [B, T, C, H, W] -> every frame a sample of the ANN
+            batches = [x.flatten(0, 1) for x in batches]
+        set_thresholds(snn, activation_percentiles(ann, batches, settings.percentile), scale)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for neuron in snn.neurons():
+                torch.distributed.broadcast(neuron.vth.data, src=0)
+        ann.cpu()
+
+    return prepare
+
+
 def build(recipe: Recipe, data: DataInfo) -> MethodModel:
     method: DSRMethod = recipe.method
     ann = create_backbone(recipe, data, act_layer=nn.ReLU)
+    if method.init.ann_checkpoint is not None:
+        load_ann_weights(ann, method.init.ann_checkpoint, data.source)
     encoding = "sequence" if data.is_sequence else "direct"
     snn = spikify(ann, neuron_factory(method), method.T, encoding=encoding)
-    return MethodModel(model=snn, spiking=True)
+    prepare = calibrator(ann, snn, method, data.is_sequence) if method.init.calibrate is not None else None
+    return MethodModel(model=snn, spiking=True, prepare=prepare)

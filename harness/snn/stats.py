@@ -1,8 +1,30 @@
-"""Spike statistics measured on real activations: the firing rate of every spiking layer.
+"""Spike statistics and efficiency measured on real activations: firing rates, synaptic operations, energy.
 
-Firing rate of a layer = (number of non-zero outputs over all steps, samples and units) /
-(T * B * units), i.e. the fraction of (unit, step) pairs that spiked, in [0, 1]. `FiringRateMonitor`
-accumulates these counts with forward hooks over as many batches as it watches.
+`FiringRateMonitor(model)` is a context manager that puts forward hooks on the model while it runs over
+as many batches as it watches, and counts:
+
+Firing rate of a spiking layer = (non-zero outputs over all steps, samples and units) / (T * B * units):
+the fraction of (unit, step) pairs that spiked, in [0, 1]. `mean_rate()` pools every layer's counts.
+
+Synaptic operations, per sample, from the inputs each synaptic layer (Conv1d/2d/3d, Linear) really got:
+  - a layer that runs after a spiking neuron in the same forward is fed by spikes: every non-zero input
+    element x_i (summed over the T steps of the merged `[T*B, ...]` batch) triggers one accumulate (AC)
+    per synapse leaving it, so  ACs = sum_i 1[x_i != 0] * fanout_i,  where fanout_i counts the
+    (output unit, output position) pairs x_i reaches (exact at the borders: `fanout` below);
+  - a layer that runs before any neuron (the analog first layer under direct encoding) does dense
+    multiply-accumulates (MACs) = output elements * (in_channels / groups) * kernel size (Linear:
+    output elements * in_features), counted as executed: direct encoding runs it on all T steps.
+  `sops_per_sample` = ACs / samples; `macs_per_sample` = MACs / samples.
+The ANN on the same backbone does, per sample, the dense MACs of every synaptic layer for one step:
+  `ann_macs_per_sample` = sum over layers of dense MACs / rows of the merged batch (T*B rows in the SNN,
+  B in the ANN), so it is measured by the same hooks, on the same shapes.
+Energy per sample, the estimate used in the SNN literature (45 nm, Horowitz 2014):
+  E = MACs * e_MAC + ACs * e_AC,  e_MAC = 4.6 pJ, e_AC = 0.9 pJ by default (recipe `efficiency`);
+  the ANN's: E_ANN = ann_MACs * e_MAC. Reported in microjoules (1 uJ = 1e6 pJ).
+Not counted: bias additions, BatchNorm (foldable into the weights at inference), pooling, the neurons'
+membrane updates. Average pooling between a neuron and a synaptic layer makes that layer's inputs
+non-binary; they still count as spike-driven, one AC per non-zero input and synapse.
+Run in a process of a distributed job, the counts are that process's shard.
 """
 
 from collections import OrderedDict
@@ -12,32 +34,99 @@ from torch import nn
 
 from harness.snn.neuron import SpikingNeuron
 
+MAC_PJ = 4.6  # energy of one 32-bit float multiply-accumulate at 45 nm, picojoules
+AC_PJ = 0.9  # energy of one 32-bit float accumulate at 45 nm, picojoules
+PJ_PER_UJ = 1e6
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 def spiking_layers(model: nn.Module) -> "OrderedDict[str, SpikingNeuron]":
     """Every spiking neuron module of `model`, by its qualified name."""
     return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, SpikingNeuron))
 
 
-class FiringRateMonitor:
-    """Context manager: count spikes of every neuron of `model` while it runs.
+def synaptic_layers(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+    """Every Conv1d/2d/3d and Linear module of `model`, by its qualified name."""
+    return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, (*_CONVS, nn.Linear)))
 
-    `rates()` -> {layer name: firing rate}; `mean_rate()` -> total spikes / total (unit, step) pairs.
+
+def dense_macs(layer: nn.Module, output: torch.Tensor) -> int:
+    """Multiply-accumulates of one dense call of `layer` that produced `output` (bias not counted)."""
+    if isinstance(layer, nn.Linear):
+        return output.numel() * layer.in_features
+    return output.numel() * (layer.in_channels // layer.groups) * int(torch.tensor(layer.kernel_size).prod())
+
+
+def fanout(layer: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Synapses leaving each element of one sample's input to `layer`, shape `input_shape` (no batch).
+
+    Linear: `out_features` everywhere. Conv: with all weights 1 and no bias, d(sum of outputs)/dx_i is the
+    number of (output channel, output position) pairs whose receptive field holds x_i, padding included.
+    """
+    if isinstance(layer, nn.Linear):
+        return torch.full(input_shape, float(layer.out_features), dtype=torch.float64, device=device)
+    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        probe = torch.zeros((1, *input_shape), device=device, requires_grad=True)
+        ones = torch.ones_like(layer.weight, dtype=torch.float32)
+        layer._conv_forward(probe, ones, None).sum().backward()
+    return probe.grad[0].to(torch.float64)
+
+
+class FiringRateMonitor:
+    """Context manager: count spikes of every neuron and synaptic operations of every synaptic layer of
+    `model` while it runs (see the module docstring for the definitions).
+
+    `rates()` -> {layer name: firing rate}; `mean_rate()` -> total spikes / total (unit, step) pairs;
+    `efficiency(mac_pj, ac_pj)` -> synaptic operations, MACs and energy per sample, the ANN's beside them.
     """
 
     def __init__(self, model: nn.Module):
+        self.model = model
         self.layers = spiking_layers(model)
+        self.synapses = synaptic_layers(model)
         self.spikes = {name: 0 for name in self.layers}
         self.slots = {name: 0 for name in self.layers}
+        self.accumulates = {name: 0 for name in self.synapses}  # spike-driven ACs
+        self.multiply_accumulates = {name: 0 for name in self.synapses}  # MACs of analog-fed calls
+        self.dense = {name: 0 for name in self.synapses}  # dense MACs of every call
+        self.rows = {name: 0 for name in self.synapses}  # rows of the merged batch of every call
+        self.samples = 0
+        self._neuron_ran = False  # has a neuron run in the current forward of `model`?
+        self._fanouts: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self._handles: list = []
+
+    def _start_forward(self, _module, inputs) -> None:
+        self.samples += inputs[0].shape[0]
+        self._neuron_ran = False
 
     def _hook(self, name: str):
         def count(_module, _inputs, output: torch.Tensor) -> None:
             self.spikes[name] += int(torch.count_nonzero(output))
             self.slots[name] += output.numel()
+            self._neuron_ran = True
+        return count
+
+    def _synapse_hook(self, name: str):
+        def count(layer, inputs, output: torch.Tensor) -> None:
+            x = inputs[0]
+            macs = dense_macs(layer, output)
+            self.dense[name] += macs
+            self.rows[name] += x.shape[0]
+            if not self._neuron_ran:
+                self.multiply_accumulates[name] += macs
+                return
+            key = (name, tuple(x.shape[1:]))
+            if key not in self._fanouts:
+                self._fanouts[key] = fanout(layer, key[1], x.device)
+            active = (x != 0).sum(dim=0, dtype=torch.float64)
+            self.accumulates[name] += int(round(float((active * self._fanouts[key]).sum())))
         return count
 
     def __enter__(self) -> "FiringRateMonitor":
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.layers.items()]
+        self._handles = [self.model.register_forward_pre_hook(self._start_forward)]
+        self._handles += [m.register_forward_hook(self._hook(name)) for name, m in self.layers.items()]
+        self._handles += [m.register_forward_hook(self._synapse_hook(name)) for name, m in self.synapses.items()]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -51,3 +140,18 @@ class FiringRateMonitor:
     def mean_rate(self) -> float:
         total = sum(self.slots.values())
         return sum(self.spikes.values()) / total if total else 0.0
+
+    def efficiency(self, mac_pj: float = MAC_PJ, ac_pj: float = AC_PJ) -> dict[str, float]:
+        """Per-sample synaptic operations and energy (uJ) of the watched batches; {} if none ran."""
+        if not self.samples:
+            return {}
+        sops = sum(self.accumulates.values()) / self.samples
+        macs = sum(self.multiply_accumulates.values()) / self.samples
+        ann_macs = sum(self.dense[name] / self.rows[name] for name in self.synapses if self.rows[name])
+        return {
+            "efficiency/sops_per_sample": sops,
+            "efficiency/macs_per_sample": macs,
+            "efficiency/energy_uj": (macs * mac_pj + sops * ac_pj) / PJ_PER_UJ,
+            "efficiency/ann_macs_per_sample": ann_macs,
+            "efficiency/ann_energy_uj": ann_macs * mac_pj / PJ_PER_UJ,
+        }

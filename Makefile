@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine (README.md): `make quickstart` and `make test`.
+# Both create .venv, install the system libraries FFCV needs (Debian/Ubuntu, as root or with sudo) and
+# the project with every extra, pinned by requirements.lock.  EXTRAS=dev skips ffcv/deepspeed/dvs.
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= dev,ffcv,deepspeed,dvs
+export DS_BUILD_OPS ?= 0
+
+.PHONY: install system-deps quickstart test lint
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+system-deps:
+	@case ",$(EXTRAS)," in *,ffcv,*) bash .ci/system-deps.sh ;; esac
+
+install: $(VENV)/bin/python system-deps
+	$(VENV)/bin/python -m pip install -q -c requirements.lock -e ".[$(EXTRAS)]"
+
+quickstart: install
+	$(VENV)/bin/harness launch recipes/quickstart.yaml
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check harness tests

@@ -1,0 +1,183 @@
+"""Processes of a run: where this one stands, its process group, and DDP applied to a plain model.
+
+`detect_process()` reads the launcher's environment, first match wins:
+  torchrun / torch.distributed.run   RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR, MASTER_PORT)
+  SLURM (`srun harness launch ...`)  SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID
+  Open MPI / MPICH, Intel MPI        OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK} / PMI_RANK, PMI_SIZE, MPI_LOCALRANKID
+Outside torchrun, MASTER_ADDR and MASTER_PORT must name the rendezvous (rank 0's host): the cluster
+templates export them. No variables: one process, rank 0 of 1, and no process group at all.
+
+`init_process_group(process, engine, device)`: NCCL on CUDA, gloo on the CPU (`engine.backend` overrides),
+with `engine.timeout_s` on every collective, so a process that hangs or is lost fails the others after at
+most that long (a killed process closes its sockets and fails them at once). `teardown()` destroys it.
+
+DDP (`apply_ddp`) is a transform of the plain training module (torchtitan style): the model code never
+knows. DDP averages gradients over the N processes:  g = (1/N) sum_r g_r.
+
+DSR's threshold gradient under DDP (DSR.md section 3): dL/dV = k_V * sum over the batch of G * 1[xbar > V],
+a sum over samples, but G carries the 1/B_r of the mean loss of rank r's batch (B_r = B/N samples):
+  single process, global batch B:   dL/dV = k_V/B * sum_{b<B} h_b          (h_b: sample b's term)
+  rank r of N, batch B/N:           dL/dV_r = k_V*N/B * sum_{b in r} h_b
+  DDP average:                      (1/N) sum_r dL/dV_r = k_V/B * sum_{b<B} h_b
+So the averaged threshold gradient already equals the single-process gradient at the same global batch,
+exactly as for the weights (both are linear in the per-sample losses); scaling it by N would make it N
+times too large. The harness therefore applies no correction; `tests/test_distributed.py` checks the
+equality, thresholds included. What does differ is batch norm: each rank normalises with the statistics
+of its own B/N samples unless `engine.sync_bn` (`sync_bn.GlobalBatchNorm`), and the forward pass, hence
+every gradient, then differs from the global-batch one; with sync_bn the N-process step equals the
+one-process step up to float rounding.
+"""
+
+import datetime
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from harness.recipe import EngineConfig, RecipeError
+
+_LAUNCHERS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),  # set inside `srun` steps only
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Where this process stands in the job (single process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "none"  # torchrun, slurm, openmpi, mpich or none
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect_process(environ: dict[str, str] | None = None) -> ProcessInfo:
+    """This process's rank, world size and local rank from the launcher's environment variables."""
+    env = os.environ if environ is None else environ
+    for launcher, rank_var, size_var, local_var in _LAUNCHERS:
+        if rank_var in env and size_var in env:
+            try:
+                rank, size = int(env[rank_var]), int(env[size_var])
+                local = int(env.get(local_var, 0))
+            except ValueError:
+                raise RecipeError(f"environment: {rank_var}={env[rank_var]!r}, {size_var}={env[size_var]!r}: "
+                                  "expected integers") from None
+            if not 0 <= rank < size:
+                raise RecipeError(f"environment: {rank_var}={rank} is not in 0..{size_var}-1={size - 1}")
+            return ProcessInfo(rank, size, local, launcher)
+    return ProcessInfo()
+
+
+def process_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of rank `rank`'s global RNG in epoch `epoch` (dropout masks): a pure function of the three."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 0x5EED]).generate_state(1)[0])
+
+
+def micro_batch_size(batch_size: int, world_size: int, grad_accum: int, source: str) -> int:
+    """Samples per process per forward: data.batch_size / (processes * engine.grad_accum), exactly."""
+    parts = world_size * grad_accum
+    if batch_size % parts:
+        raise RecipeError(f"{source}: data.batch_size: {batch_size} must be a multiple of processes ({world_size}) "
+                          f"* engine.grad_accum ({grad_accum}) = {parts}")
+    return batch_size // parts
+
+
+def backend_for(engine: EngineConfig, device: torch.device) -> str:
+    if engine.backend != "auto":
+        return engine.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(process: ProcessInfo, engine: EngineConfig, device: torch.device, source: str) -> None:
+    """Join the job's process group (env:// rendezvous at MASTER_ADDR:MASTER_PORT; one process: a group of
+    its own on a free local port)."""
+    if dist.is_initialized():
+        return
+    init_method = "env://" if process.distributed else f"tcp://127.0.0.1:{_free_port()}"
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ and process.distributed]
+    if missing:
+        raise RecipeError(f"{source}: engine.kind: {engine.kind} with {process.world_size} processes "
+                          f"({process.launcher}) needs {' and '.join(missing)} set to rank 0's host and a free port")
+    backend = backend_for(engine, device)
+    if backend == "nccl" and device.type != "cuda":
+        raise RecipeError(f"{source}: engine.backend: nccl needs CUDA devices; use gloo or auto on the CPU")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init_method, rank=process.rank, world_size=process.world_size,
+                            timeout=datetime.timedelta(seconds=engine.timeout_s))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, process: ProcessInfo) -> Any:
+    """Rank 0's `obj` on every rank (identity in a single process)."""
+    if not process.distributed:
+        return obj
+    holder = [obj if process.is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier(process: ProcessInfo) -> None:
+    if process.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, process: ProcessInfo) -> torch.Tensor:
+    """Sum of `tensor` over all ranks (a new tensor on its device; identity in a single process)."""
+    if not process.distributed:
+        return tensor
+    summed = tensor.clone()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed
+
+
+def broadcast_buffers(module: nn.Module, process: ProcessInfo) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every rank, as DDP does before each forward."""
+    if process.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def apply_ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """Wrap the plain training module in DDP (rank 0's parameters and buffers are broadcast first)."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=True)
+
+
+@contextmanager
+def no_sync_unless(sync: bool, module: nn.Module) -> Iterator[None]:
+    """DDP's `no_sync()` (keep gradients local) for every micro-batch but the last of an optimizer step."""
+    if sync or not isinstance(module, DistributedDataParallel):
+        yield
+    else:
+        with module.no_sync():
+            yield

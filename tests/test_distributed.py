@@ -1,0 +1,203 @@
+"""DDP and DeepSpeed with real processes (torchrun, gloo on the CPU), a rank killed mid-epoch, and resume
+with another number of processes.
+
+Equivalence tolerance: with `engine.sync_bn` the 2-process step equals the 1-process step at the same
+global batch up to float rounding (first-step gradients agree to ~1e-7). Over an epoch rounding grows with
+the learning rate; at lr 0.02 without momentum two 1-process runs that differ only in their thread count
+end ~2e-6 apart (measured), so ATOL = 1e-4 is 50x that noise floor. A threshold gradient scaled by the
+world size (or by its inverse) would move every threshold by 2x (or 0.5x) its true movement, an error as
+large as the movement itself; the test asserts each threshold moved more than 10 * ATOL, so it cannot pass.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from torch.utils.data import DistributedSampler
+
+from harness.data.loaders import SeededDataLoader
+from harness.engine import checkpoint, distributed
+from harness.engine.deepspeed_engine import deepspeed_config
+from harness.engine.launch import launch
+from harness.engine.trainer import Trainer
+from harness.recipe import RecipeError, load_recipe
+from harness.track import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ATOL = 1e-4
+TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def write_recipe(tmp_path: Path, name: str, method: dict, **sections) -> Path:
+    recipe = {
+        "name": name, "seed": 0,
+        "data": {"dataset": "digits", "batch_size": 64, "workers": 0},
+        "model": {"backbone": "snn_convnet"},
+        "method": method,
+        "optim": {"name": "sgd", "lr": 0.02, "momentum": 0.0, "epochs": 1, "warmup_iters": 0,
+                  "schedule": "constant"},
+        "engine": {"kind": "ddp", "sync_bn": True, "timeout_s": 60},
+        "track": {"experiment": "dist", "output_dir": str(tmp_path / "runs"),
+                  "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def one_process_reference(path: Path) -> tuple[dict, dict]:
+    """(initial, final) model state of one process over the same global batches as the 2-process run: a
+    DistributedSampler of one replica draws the permutation whose consecutive 64-sample slices are exactly
+    the union of the two ranks' 32-sample batches."""
+    recipe = load_recipe(path, ["engine.kind=single"])
+    trainer = Trainer(recipe, path.parent / "reference", source=str(path))
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    data = trainer.train_loader.dataset
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=recipe.seed, drop_last=True)
+    trainer.train_loader = SeededDataLoader(data, seed=recipe.seed, rank=0, batch_size=recipe.data.batch_size,
+                                            sampler=sampler, drop_last=True)
+    trainer.fit(Tracker(recipe, enabled=False))
+    return initial, trainer.model.state_dict()
+
+
+def test_ddp_two_processes_match_one_process_thresholds_included(tmp_path):
+    paths = [write_recipe(tmp_path, "eq_ann", {"name": "ann"}),
+             write_recipe(tmp_path, "eq_dsr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}})]
+    done = subprocess.run([*TORCHRUN, str(REPO / "tests" / "distributed_worker.py"), str(tmp_path),
+                           *map(str, paths)], env=run_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for path in paths:
+        name = path.stem
+        rank0 = torch.load(tmp_path / f"{name}.rank0.pt")
+        rank1 = torch.load(tmp_path / f"{name}.rank1.pt")
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"{name}: ranks diverged"
+        initial, single = one_process_reference(path)
+        for key, value in single.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(rank0[key], value, atol=ATOL, rtol=0, msg=f"{name}: {key}")
+        thresholds = [k for k in single if k.endswith("vth")]
+        assert (name == "eq_ann") == (not thresholds)
+        for key in thresholds:
+            assert (single[key] - initial[key]).abs() > 10 * ATOL, f"{key} hardly moved: the test would be blind"
+
+
+def test_deepspeed_zero2_two_processes_log_one_mlflow_run(tmp_path):
+    path = write_recipe(tmp_path, "ds_quick", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}},
+                        engine={"kind": "deepspeed", "sync_bn": False, "deepspeed": {"stage": 2}})
+    done = subprocess.run([PYTHON, "-m", "harness.cli", "launch", str(path), "--nproc", "2"], cwd=tmp_path,
+                          env=run_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dist").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.metrics["test/acc1"] > 30  # 10 classes: well above chance after one epoch
+    assert runs[0].data.params["engine.deepspeed.stage"] == "2"
+    (run_dir,) = (tmp_path / "runs" / "ds_quick").iterdir()
+    state = checkpoint.load(run_dir / checkpoint.LAST)
+    assert state["deepspeed"] == {"tag": "epoch1", "world_size": 2}
+    assert sorted(p.name for p in (run_dir / "deepspeed" / "epoch1").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the torchrun worker of `rank` among the children of `launcher_pid`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher_pid and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_killed_rank_fails_the_run_and_resume_continues_with_one_process(tmp_path):
+    path = write_recipe(tmp_path, "kill", {"name": "ann"}, data={"batch_size": 32}, optim={"epochs": 3},
+                        engine={"sync_bn": False, "timeout_s": 30})
+    run_root = tmp_path / "runs" / "kill"
+    job = subprocess.Popen([PYTHON, "-m", "harness.cli", "launch", str(path), "--nproc", "2"], cwd=tmp_path,
+                           env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(run_root.glob(f"*/{checkpoint.LAST}")):
+        assert job.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.1)
+    victim = _worker_pid(job.pid, rank=1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    output, _ = job.communicate(timeout=90)
+    assert job.returncode != 0, output[-2000:]
+    assert time.monotonic() - killed_at < 60  # torchrun tears down within its 30 s grace, well under timeout_s
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dist").experiment_id])
+    assert run.info.status == "FAILED"
+    (run_dir,) = run_root.iterdir()
+    state = checkpoint.load(run_dir / checkpoint.LAST)
+    assert 1 <= state["epoch"] < 3 and state["mlflow_run_id"] == run.info.run_id
+
+    # resume in this process: one process instead of two, same recipe, same MLflow run
+    summary = launch(load_recipe(path), str(path), resume=str(run_dir), echo=lambda *_: None)
+    assert summary["epochs"] == 3 and summary["mlflow_run_id"] == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "test/acc1")]
+    assert steps[-1] == 3 and len(set(steps)) == 3
+
+
+def test_detect_process_reads_each_launcher():
+    assert distributed.detect_process({}) == distributed.ProcessInfo()
+    torchrun = distributed.detect_process({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.launcher) == (3, 4, 1, "torchrun")
+    slurm = distributed.detect_process({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1"})
+    assert (slurm.rank, slurm.world_size, slurm.launcher) == (5, 8, "slurm")
+    batch_script = distributed.detect_process({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"})  # outside srun
+    assert not batch_script.distributed
+    mpi = distributed.detect_process({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert (mpi.rank, mpi.world_size, mpi.launcher) == (1, 2, "openmpi")
+    with pytest.raises(RecipeError, match="RANK=4 is not in 0..WORLD_SIZE-1=3"):
+        distributed.detect_process({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_deepspeed_batch_numbers_always_agree(tmp_path):
+    path = write_recipe(tmp_path, "dsconf", {"name": "ann"}, data={"batch_size": 96},
+                        engine={"kind": "deepspeed", "grad_accum": 3, "precision": "bf16",
+                                "deepspeed": {"stage": 3, "offload_optimizer": True, "offload_param": True}})
+    config = deepspeed_config(load_recipe(path), 4, "r")
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (96, 8, 3)
+    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                           "offload_param": {"device": "cpu"}}
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    with pytest.raises(RecipeError, match=r"data.batch_size: 96 must be a multiple of processes \(5\)"):
+        deepspeed_config(load_recipe(path), 5, "r")
+    full = tmp_path / "ds.json"
+    full.write_text('{"train_batch_size": 96, "zero_optimization": {"stage": 1}, "optimizer": {"type": "Adam"}}')
+    config = deepspeed_config(load_recipe(path, [f"engine.deepspeed.config={full}"]), 4, "r")
+    assert config["gradient_accumulation_steps"] == 3 and config["optimizer"] == {"type": "Adam"}
+    full.write_text('{"train_batch_size": 128}')
+    with pytest.raises(RecipeError, match="train_batch_size: 128 disagrees with the recipe"):
+        deepspeed_config(load_recipe(path, [f"engine.deepspeed.config={full}"]), 4, "r")
+
+
+def test_nproc_refuses_a_single_engine(tmp_path):
+    path = write_recipe(tmp_path, "single", {"name": "ann"}, engine={"kind": "single"})
+    done = subprocess.run([PYTHON, "-m", "harness.cli", "launch", str(path), "--nproc", "2"], cwd=tmp_path,
+                          env=run_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "engine.kind: single runs one process; use -o engine.kind=ddp" in done.stderr
