@@ -16,6 +16,7 @@ system-deps:
 
 install: $(VENV)/bin/python system-deps
 	$(VENV)/bin/python -m pip install -q -c requirements.lock -e ".[$(EXTRAS)]"
+	@case ",$(EXTRAS)," in *,ffcv,*) $(VENV)/bin/python -m pip install -q --no-deps -c requirements.lock ffcv ;; esac
 
 quickstart: install
 	$(VENV)/bin/harness launch recipes/quickstart.yaml

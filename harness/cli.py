@@ -127,6 +127,42 @@ def bench_loader(dataset: str, kind: str, root: str | None, beton: str | None, s
                f"({result['samples']} samples in {result['seconds']:.2f} s after {warmup} warm-up batches); {path}")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@bench.command("step")
+@click.option("--backbone", default="preact_resnet18_cifar", show_default=True, help="A timm model name.")
+@click.option("--input", "input_shape", default="3,32,32", show_default=True, help="One sample's C,H,W.")
+@click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True)
+@click.option("--methods", "method_names", default="ann,dsr,sg", show_default=True, help="Comma-separated.")
+@click.option("--T", "time_steps", default="1,2,4,8,16", show_default=True, help="Comma-separated time steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed steps.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed steps first.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), default="results/bench", show_default=True)
+def bench_step(backbone: str, input_shape: str, classes: int, method_names: str, time_steps: str, batch_size: int,
+               steps: int, warmup: int, device: str, precision: str, out_dir: str) -> None:
+    """Training-step time and memory against T, per method, on one backbone (results as JSON)."""
+    from pathlib import Path
+
+    from harness.bench import run_step_bench
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter("torch sees no CUDA device", param_hint="--device")
+    run_step_bench(backbone, [m.strip() for m in method_names.split(",") if m.strip()], _int_list(time_steps),
+                   batch_size, classes, tuple(_int_list(input_shape)), steps, warmup, device, precision,
+                   Path(out_dir), echo=click.echo)
+
+
 @main.command()
 @click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False))
 @click.option("--address", default=None, metavar="auto|ray://HOST:PORT",

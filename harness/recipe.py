@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
+from harness.yamlfile import read_yaml
 
 
 class RecipeError(HarnessError):
@@ -73,7 +74,8 @@ class ThresholdConfig(Section):
 
 
 class AnnMethod(Section):
-    """The backbone trained as an ANN with its activations (the accuracy DSR is compared with)."""
+    """The backbone trained as an ANN with ReLU (the accuracy DSR is compared with); logits are the output
+    layer's pre-activation (harness/methods/ann.py says why)."""
 
     name: Literal["ann"] = "ann"
 
@@ -324,16 +326,7 @@ def validate_recipe(raw: Any, source: str) -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe file; `RecipeError` names the file and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{path}:{where}: malformed YAML: {problem}") from None
+    raw = read_yaml(path, "recipe", RecipeError)
     if raw is None:
         raw = {}
     for override in overrides:

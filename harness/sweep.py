@@ -57,7 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from harness.errors import HarnessError
@@ -66,10 +65,12 @@ from harness.recipe import (
     PositiveFloat,
     PositiveInt,
     Recipe,
+    RecipeError,
     Section,
     apply_override,
     validate_recipe,
 )
+from harness.yamlfile import read_yaml
 
 STATE_FILE = "sweep.json"
 TAG_LIMIT = 5000  # characters MLflow keeps in one tag value
@@ -199,12 +200,7 @@ class Sweep:
 # ----------------------------------------------------------------------------------------------- the file
 def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: malformed YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+    raw = read_yaml(path, "sweep", SweepError)
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: a sweep is a YAML mapping (name, recipe, space, ...), got {type(raw).__name__}")
     try:
@@ -258,7 +254,7 @@ def expand(spec: SweepSpec, source: str | Path, overrides: tuple[str, ...] = (),
     base_path = (source.parent / spec.recipe).resolve()
     if not base_path.is_file():
         raise SweepError(f"{source}: recipe: base recipe {spec.recipe!r} not found (looked at {base_path})")
-    base = yaml.safe_load(base_path.read_text()) or {}
+    base = read_yaml(base_path, "base recipe", RecipeError) or {}
     variants = spec.variants or {"": Variant()}
     unknown = [name for name in only if name not in variants]
     if unknown:

@@ -232,9 +232,15 @@ def ann_checkpoint(digits, tmp_path_factory):
 
 
 def relu_outputs(ann: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Post-ReLU outputs of every activation place of the ANN; the `ann` method has an nn.Identity where
+    the spiking topology has its output ReLU, so its ReLU is applied here."""
     outputs: dict[str, list[torch.Tensor]] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, name=name: outputs.setdefault(name, []).append(o.flatten()))
-             for name, m in ann.named_modules() if isinstance(m, nn.ReLU)]
+
+    def keep(name):
+        return lambda _m, _i, o: outputs.setdefault(name, []).append(o.clamp(min=0).flatten())
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in ann.named_modules()
+             if isinstance(m, (nn.ReLU, nn.Identity))]
     with torch.no_grad():
         for x in batches:
             ann(x)
@@ -281,7 +287,7 @@ def test_hybrid_start_first_forward_agrees_with_the_ann(digits, ann_checkpoint):
         first_out: list[torch.Tensor] = []
         hook = first.register_forward_hook(lambda _m, _i, o, seen=first_out: seen.append(o))
         with torch.no_grad():
-            snn_logits, ann_logits = snn(x_val), ann(x_val)
+            snn_logits, ann_logits = snn(x_val), ann(x_val).clamp(min=0)  # the output ReLU of the SNN topology
             hook.remove()
             pre_act = ann.features.bn1(ann.features.conv1(x_val))
         v1 = first.vth.item()

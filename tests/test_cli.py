@@ -46,7 +46,7 @@ CASES = {
     "T=0": (lambda t: recipe_text(t, T=0), (), "method.T: Input should be greater than or equal to 1 (got 0)"),
     "negative lr": (lambda t: recipe_text(t), ("-o", "optim.lr=-1"), "optim.lr: Input should be greater than 0"),
     "missing data root": (lambda t: recipe_text(t, dataset="cifar10", root=f"{t}/nowhere"), (),
-                          f"cifar10 root {{t}}/nowhere"),
+                          "cifar10 root {t}/nowhere"),
     "unknown backbone": (lambda t: recipe_text(t, backbone="resnet_9000"), (),
                          "model.backbone: unknown backbone 'resnet_9000'"),
 }

@@ -53,8 +53,9 @@ def test_launch_logs_one_finished_run_with_params_tags_metrics_artifacts(tmp_pat
     assert run.info.status == "FINISHED" and run.info.run_id == summary["mlflow_run_id"]
     assert run.data.params["optim.lr"] == "0.05" and run.data.params["data.dataset"] == "digits"
     spiking = method != "ann"
-    expected_tags = {"method": "dsr" if spiking else "ann", "neuron": {"dsr": "if", "lif": "lif", "ann": "none"}[method],
-                     "T": "2" if spiking else "none", "backbone": "snn_convnet", "dataset": "digits"}
+    neuron = {"dsr": "if", "lif": "lif", "ann": "none"}[method]
+    expected_tags = {"method": "dsr" if spiking else "ann", "neuron": neuron, "T": "2" if spiking else "none",
+                     "backbone": "snn_convnet", "dataset": "digits"}
     assert expected_tags.items() <= run.data.tags.items()
     history = client.get_metric_history(run.info.run_id, "test/acc1")
     assert [m.step for m in history] == [1, 2]

@@ -5,9 +5,9 @@ size and epochs, so the real backbone, neurons, T and optimizer run)."""
 from pathlib import Path
 
 import pytest
+from fakedata import write_cifar10, write_cifar100
 from mlflow.tracking import MlflowClient
 
-from fakedata import write_cifar10, write_cifar100
 from harness.engine import checkpoint
 from harness.engine.launch import launch
 from harness.recipe import load_recipe

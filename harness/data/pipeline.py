@@ -5,11 +5,10 @@ a torch DataLoader otherwise).
 evenly over the `world_size` processes. `set_epoch(loader, e)` must be called before each pass.
 `cfg.loader`: `torch` reads the data set under `cfg.root`; `ffcv` reads the `.beton` files `cfg.train`
 and `cfg.val` (harness/data/ffcv.py); `auto` takes ffcv when it imports and both files are given, else
-torch. Rank 0 says once, on stderr, which loader it took and why.
+torch. `Pipeline.note` says which loader it took and why; `harness launch` prints it once.
 """
 
 import inspect
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ class Pipeline:
     input_shape: tuple[int, ...]
     train_size: int  # samples in the training split (all processes)
     kind: str  # "torch" or "ffcv"
+    note: str = ""  # which loader and why, for the run's first line
 
 
 def per_process_batch(batch_size: int, world_size: int) -> int:
@@ -96,12 +96,13 @@ def build_ffcv_pipeline(cfg, seed: int, rank: int, world_size: int) -> Pipeline:
 def build_pipeline(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Pipeline:
     """Loaders for the recipe section `cfg` (a `harness.recipe.DataConfig`)."""
     kind, reason = choose_loader(cfg)
-    if rank == 0:
-        print(f"data: {cfg.dataset} through the {kind} loader ({reason})", file=sys.stderr, flush=True)
     if kind == "ffcv":
-        return build_ffcv_pipeline(cfg, seed, rank, world_size)
-    splits = build_datasets(cfg.dataset, cfg.root, augment=cfg.augment, **dataset_options(cfg))
-    train, val = build_loaders(splits, per_process_batch(cfg.batch_size, world_size),
-                               per_process_batch(cfg.eval_batch_size or cfg.batch_size, world_size),
-                               cfg.workers, seed, rank=rank, world_size=world_size)
-    return Pipeline(train, val, splits.num_classes, tuple(splits.input_shape), len(splits.train), "torch")
+        pipeline = build_ffcv_pipeline(cfg, seed, rank, world_size)
+    else:
+        splits = build_datasets(cfg.dataset, cfg.root, augment=cfg.augment, **dataset_options(cfg))
+        train, val = build_loaders(splits, per_process_batch(cfg.batch_size, world_size),
+                                   per_process_batch(cfg.eval_batch_size or cfg.batch_size, world_size),
+                                   cfg.workers, seed, rank=rank, world_size=world_size)
+        pipeline = Pipeline(train, val, splits.num_classes, tuple(splits.input_shape), len(splits.train), "torch")
+    pipeline.note = f"{cfg.dataset} through the {kind} loader ({reason})"
+    return pipeline

@@ -36,8 +36,8 @@ class JobTornDown(RuntimeError):
     was cancelled."""
 
 # Fields that may change between a checkpoint and the recipe that resumes it.
-RESUMABLE_CHANGES = ("engine", "track", "data.workers", "data.root", "data.loader", "data.train", "data.val",
-                     "data.eval_batch_size", "optim.epochs")
+RESUMABLE_CHANGES = ("engine", "track", "efficiency", "data.workers", "data.root", "data.loader", "data.train",
+                     "data.val", "data.eval_batch_size", "optim.epochs")
 
 
 def _comparable(recipe_dict: dict) -> dict:
@@ -168,6 +168,7 @@ def _train(recipe: Recipe, source: str, resume: str | None, process: ProcessInfo
         where = f"resuming at epoch {trainer.epoch}" if state else "new run"
         procs = f" x {process.world_size} processes ({recipe.engine.kind})" if process.distributed else ""
         echo(f"{recipe.name}: {where} in {run_dir}; {trainer.iters_per_epoch} steps/epoch on {trainer.device}{procs}")
+        echo(f"data: {trainer.data.note}")
     resume_run_id = state.get("mlflow_run_id") if state else None
     with Tracker(recipe, resume_run_id=resume_run_id, enabled=process.is_main,
                  parent_run_id=parent_run_id) as tracker:

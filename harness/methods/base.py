@@ -52,6 +52,32 @@ class MethodModel:
         return self.loss(logits, y), logits
 
 
+@torch.no_grad()
+def drop_output_activation(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """Replace, in place, the activation module whose output IS the model's output (the head's
+    `Linear -> BN1d -> act` in our backbones) by `nn.Identity`, so the logits are the last layer's
+    pre-activation. Found by tracing one eval-mode forward on zeros of `input_shape` (a stock timm CNN
+    ending in a Linear has no such activation and is returned unchanged). Returns `model`."""
+    from harness.snn import is_activation
+
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+               for name, m in model.named_modules() if is_activation(m)]
+    was_training = model.training
+    model.eval()
+    try:
+        result = model(torch.zeros(2, *input_shape[-3:]))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    for name, out in outputs.items():
+        if out is result:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, nn.Identity())
+    return model
+
+
 def create_backbone(recipe: Recipe, data: DataInfo, act_layer: type[nn.Module] | None = None) -> nn.Module:
     """The ANN backbone of the recipe, from timm's registry (ours are registered by harness.models)."""
     name = recipe.model.backbone

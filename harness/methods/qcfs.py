@@ -13,8 +13,7 @@ by the SNN's at `method.T`, so a qcfs run is compared with the other methods at 
 import torch
 from torch import nn
 
-from harness.methods.base import DataInfo, MethodModel, create_backbone
-from harness.methods.sg import analog_readout
+from harness.methods.base import DataInfo, MethodModel, create_backbone, drop_output_activation
 from harness.recipe import QCFSMethod, Recipe
 from harness.snn import QCFS, convert_qcfs, replace_activations
 
@@ -57,6 +56,6 @@ def snn_evaluator(ann: nn.Module, method: QCFSMethod):
 
 def build(recipe: Recipe, data: DataInfo) -> MethodModel:
     method: QCFSMethod = recipe.method
-    ann = analog_readout(create_backbone(recipe, data, act_layer=nn.ReLU))
+    ann = drop_output_activation(create_backbone(recipe, data, act_layer=nn.ReLU), data.input_shape)
     replace_activations(ann, lambda _: QCFS(method.L, method.lambda_init))
     return MethodModel(model=ann, spiking=False, extra_eval=snn_evaluator(ann, method))

@@ -15,20 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.methods.base import DataInfo, MethodModel, create_backbone
+from harness.methods.base import DataInfo, MethodModel, create_backbone, drop_output_activation
 from harness.recipe import Recipe, SGMethod
-from harness.snn import SGIF, SGLIF, is_activation, spikify
-
-
-def analog_readout(model: nn.Module) -> nn.Module:
-    """Replace the output activation (the last activation module registered: the head's, in every backbone
-    of the harness and timm's convention) by `nn.Identity`, in place; return `model`."""
-    names = [name for name, m in model.named_modules() if is_activation(m)]
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no activation module to remove")
-    parent, _, leaf = names[-1].rpartition(".")
-    setattr(model.get_submodule(parent), leaf, nn.Identity())
-    return model
+from harness.snn import SGIF, SGLIF, spikify
 
 
 def tet_loss(steps: torch.Tensor, target: torch.Tensor, lam: float, phi: float) -> torch.Tensor:
@@ -70,7 +59,7 @@ def build(recipe: Recipe, data: DataInfo) -> MethodModel:
     method: SGMethod = recipe.method
     ann = create_backbone(recipe, data, act_layer=nn.ReLU)
     if method.readout == "analog":
-        analog_readout(ann)
+        drop_output_activation(ann, data.input_shape)
     encoding = "sequence" if data.is_sequence else "direct"
     snn = spikify(ann, neuron_factory(method), method.T, encoding=encoding)
     if method.tdbn:
