@@ -257,7 +257,10 @@ def plot(experiment: str, sweep_id: str | None, metric: str, energy: str, series
 
 
 def run() -> None:
-    """Entry point: user errors become one line and exit code 2; SIGTERM ends runs as KILLED."""
+    """Entry point: user errors become one line and exit code 2; Ctrl-C (SIGINT) and SIGTERM end runs
+    as KILLED. SIGINT gets Python's handler even where the parent started us with SIGINT ignored (as a
+    non-interactive shell does for `cmd &`), so an interrupt always ends the run cleanly."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main(standalone_mode=False)
