@@ -110,7 +110,10 @@ class Trainer:
             torch.set_num_threads(recipe.engine.threads)
         seed_everything(recipe.seed)
         self.device = pick_device(recipe, process, source)
-        self.data = datasets.build_pipeline(recipe.data, recipe.seed, process.rank, process.world_size)
+        try:
+            self.data = datasets.build_pipeline(recipe.data, recipe.seed, process.rank, process.world_size)
+        except datasets.DataError as e:  # name the recipe and its section too
+            raise datasets.DataError(f"{source}: data: {e}") from None
         self.train_loader, self.val_loader = self.data.train, self.data.val
         info = methods.DataInfo(self.data.num_classes, self.data.input_shape, source)
         self.method = methods.build(recipe, info)
