@@ -24,6 +24,11 @@ class DataInfo:
     def is_sequence(self) -> bool:
         return len(self.input_shape) == 4
 
+    @property
+    def encoding(self) -> str:
+        """How a spiking model takes this input: `SpikingNet`'s "sequence" or "direct"."""
+        return "sequence" if self.is_sequence else "direct"
+
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, target)

@@ -85,7 +85,6 @@ def build(recipe: Recipe, data: DataInfo) -> MethodModel:
     ann = create_backbone(recipe, data, act_layer=nn.ReLU)
     if method.init.ann_checkpoint is not None:
         load_ann_weights(ann, method.init.ann_checkpoint, data.source)
-    encoding = "sequence" if data.is_sequence else "direct"
-    snn = spikify(ann, neuron_factory(method), method.T, encoding=encoding)
+    snn = spikify(ann, neuron_factory(method), method.T, encoding=data.encoding)
     prepare = calibrator(ann, snn, method, data.is_sequence) if method.init.calibrate is not None else None
     return MethodModel(model=snn, spiking=True, prepare=prepare)

@@ -60,8 +60,7 @@ def build(recipe: Recipe, data: DataInfo) -> MethodModel:
     ann = create_backbone(recipe, data, act_layer=nn.ReLU)
     if method.readout == "analog":
         drop_output_activation(ann, data.input_shape)
-    encoding = "sequence" if data.is_sequence else "direct"
-    snn = spikify(ann, neuron_factory(method), method.T, encoding=encoding)
+    snn = spikify(ann, neuron_factory(method), method.T, encoding=data.encoding)
     if method.tdbn:
         init_tdbn(snn, method.alpha_bn, method.vth)
     if method.loss == "tet":
