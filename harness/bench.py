@@ -1,7 +1,7 @@
 """`harness bench step`: training-step time and memory against T, per method, on one backbone.
 
 For each method and T, a model is built exactly as `harness launch` builds it (`harness.methods.build`
-on a recipe with only `model` and `method` set), then `warmup` + `steps` SGD steps run on a fixed random
+on the `model` and `method` sections alone), then `warmup` + `steps` SGD steps run on a fixed random
 batch. Reported per (method, T):
   - `ms_per_step`: median wall time of a step (CUDA-synchronised on a GPU);
   - `saved_mb`: megabytes of tensors autograd saves for backward in one forward, measured with
@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 from harness import methods
-from harness.recipe import Recipe
+from harness.recipe import ModelConfig, method_section
 
 
 def build_model(backbone: str, method: str, T: int, num_classes: int, input_shape: tuple[int, ...]):
-    method_section = {"name": method} if method == "ann" else {"name": method, "T": T}
-    recipe = Recipe(name="bench", model={"backbone": backbone}, method=method_section)
-    return methods.build(recipe, methods.DataInfo(num_classes, input_shape, "bench"))
+    section = method_section({"name": method} if method == "ann" else {"name": method, "T": T})
+    return methods.build(ModelConfig(backbone=backbone), section, methods.DataInfo(num_classes, input_shape))
 
 
 def saved_bytes(method_model, x: torch.Tensor, y: torch.Tensor) -> int:

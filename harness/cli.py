@@ -30,6 +30,7 @@ def main() -> None:
               help="Start N processes on this machine (torchrun); engine.kind must be ddp or deepspeed.")
 def launch(recipe: str, overrides: tuple[str, ...], resume: str | None, dry_run: bool, nproc: int | None) -> None:
     """Train the model a RECIPE (YAML) describes. Under torchrun, SLURM (srun) or MPI, join that job."""
+    from harness.errors import in_file
     from harness.recipe import RecipeError, load_recipe, recipe_to_yaml
 
     resolved = load_recipe(recipe, overrides)
@@ -42,8 +43,8 @@ def launch(recipe: str, overrides: tuple[str, ...], resume: str | None, dry_run:
         if detect_process().distributed:
             raise RecipeError("--nproc: this process is already one of a distributed job; drop --nproc")
         if resolved.engine.kind == "single":
-            raise RecipeError(f"{recipe}: engine.kind: single runs one process; use -o engine.kind=ddp "
-                              f"(or deepspeed) with --nproc {nproc}")
+            raise RecipeError(f"engine.kind: single runs one process; use -o engine.kind=ddp (or deepspeed) with "
+                              f"--nproc {nproc}", file=recipe)
         args = ["launch", recipe, *(f"--override={o}" for o in overrides)]
         args += [f"--resume={resume}"] if resume is not None else []
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -51,7 +52,8 @@ def launch(recipe: str, overrides: tuple[str, ...], resume: str | None, dry_run:
         os.execv(sys.executable, [*torchrun, "-m", "harness.cli", *args])
     from harness.engine.launch import launch as run_launch
 
-    run_launch(resolved, recipe, resume=resume, echo=click.echo)
+    with in_file(recipe):
+        run_launch(resolved, resume=resume, echo=click.echo)
 
 
 FFCV_DATASETS = ("cifar10", "cifar100", "imagenet", "dvs_cifar10")

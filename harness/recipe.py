@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
 from harness.yamlfile import read_yaml
@@ -167,6 +167,12 @@ class QCFSMethod(Section):
 
 
 Method = Annotated[AnnMethod | DSRMethod | SGMethod | QCFSMethod, Field(discriminator="name")]
+IMAGE_ONLY_METHODS = ("ann", "qcfs")  # their networks take one image per sample, not a sequence of frames
+
+
+def method_section(raw: dict[str, Any]) -> Method:
+    """A validated `method` section (defaults filled in) from its mapping, e.g. `{"name": "dsr", "T": 4}`."""
+    return TypeAdapter(Method).validate_python(raw)
 _METHODS: dict[str, type[Section]] = {"ann": AnnMethod, "dsr": DSRMethod, "sg": SGMethod, "qcfs": QCFSMethod}
 
 
@@ -192,8 +198,8 @@ class DeepSpeedConfig(Section):
     stage: Annotated[int, Field(ge=0, le=3)] = 2  # ZeRO stage
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer states (and the step) on the CPU
     offload_param: bool = False  # ZeRO 3 only: parameters on the CPU
-    gradient_clipping: PositiveFloat | None = None  # default: optim.grad_clip
-    config: str | None = None  # a full DeepSpeed JSON file; its batch fields must agree with the recipe
+    config: str | None = None  # a full DeepSpeed JSON file; its batch, precision and clipping fields must agree
+    # with the recipe (data.batch_size, engine.precision, optim.grad_clip), which fills in the ones it lacks
 
 
 class EngineConfig(Section):
@@ -248,7 +254,10 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _frames_match_T(self) -> "Recipe":
-        if self.data.frames is not None and self.T is not None and self.data.frames != self.T:
+        if self.data.frames is not None and self.method.name in IMAGE_ONLY_METHODS:
+            raise ValueError(f"method.name: {self.method.name} takes single images, but data.frames "
+                             f"({self.data.frames}) makes every sample a sequence of frames; use dsr or sg")
+        if self.data.frames is not None and self.data.frames != self.T:
             raise ValueError(f"data.frames: must equal method.T ({self.T}): step t of the network sees frame t "
                              f"(got {self.data.frames})")
         return self
@@ -317,11 +326,11 @@ def _describe(error: dict, raw: dict) -> str:
 
 def validate_recipe(raw: Any, source: str) -> Recipe:
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping of sections, got {type(raw).__name__}")
+        raise RecipeError(f"a recipe is a YAML mapping of sections, got {type(raw).__name__}", file=source)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"{source}: {_describe(e.errors()[0], raw)}") from None
+        raise RecipeError(_describe(e.errors()[0], raw), file=source) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

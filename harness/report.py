@@ -20,12 +20,13 @@ Markdown and LaTeX print the wide table; CSV writes the long form, one line per 
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 import yaml
 from pydantic import Field, ValidationError
 
+from harness import track
 from harness.errors import HarnessError
 from harness.recipe import Section
 
@@ -64,39 +65,22 @@ class ReferenceFile(Section):
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ReportError(f"no MLflow store at {uri} (the file does not exist); pass --tracking-uri or set "
-                          f"MLFLOW_TRACKING_URI")
-    return MlflowClient(uri)
-
-
 def runs_frame(experiment: str, uri: str, sweep: str | None = None) -> pd.DataFrame:
     """The FINISHED runs of `experiment` (of sweep `sweep` if given) as columns run_id, tags.*, params.*,
     metrics.*; ReportError if the experiment does not exist or holds no such run."""
-    client = _client(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "(none)"
-        raise ReportError(f"experiment {experiment!r} not found at {uri}; experiments there: {names}")
-    query = "attributes.status = 'FINISHED'" + (f" and tags.`sweep.id` = '{sweep}'" if sweep else "")
-    rows, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], query, max_results=1000, page_token=token)
-        for run in page:
-            if run.data.tags.get("sweep.role") == "parent":
-                continue
-            row: dict[str, Any] = {"run_id": run.info.run_id}
-            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
-            row.update({f"params.{k}": v for k, v in run.data.params.items()})
-            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-            rows.append(row)
-        token = page.token
-        if not token:
-            break
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ReportError(f"no MLflow store at {uri} (the file does not exist); pass --tracking-uri or set "
+                          f"MLFLOW_TRACKING_URI")
+    runs = track.find_runs(uri, experiment, {"sweep.id": sweep} if sweep else None, status="FINISHED")
+    rows = [{"run_id": run.run_id, **{f"tags.{k}": v for k, v in run.tags.items()},
+             **{f"params.{k}": v for k, v in run.params.items()},
+             **{f"metrics.{k}": v for k, v in run.metrics.items()}}
+            for run in runs if run.tags.get("sweep.role") != "parent"]
     if not rows:
+        names = track.experiment_names(uri)
+        if experiment not in names:
+            raise ReportError(f"experiment {experiment!r} not found at {uri}; experiments there: "
+                              f"{', '.join(sorted(names)) or '(none)'}")
         where = f" of sweep {sweep!r}" if sweep else ""
         raise ReportError(f"experiment {experiment!r} at {uri} holds no FINISHED run{where}")
     return pd.DataFrame(rows)

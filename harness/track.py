@@ -6,12 +6,18 @@ A run logs the flattened recipe as params, tags (method, neuron, T, backbone, da
 `track.tags`), per-epoch metrics, the resolved recipe and a summary as artifacts. Leaving the `Tracker`
 context ends the run FINISHED, KILLED (KeyboardInterrupt, SIGTERM) or FAILED (any other exception).
 A resumed launch reopens the run its checkpoint names, so one training run stays one MLflow run.
+
+Besides `Tracker`, small functions by tracking URI for the runs other modules handle: a sweep's parent run
+and its trials' runs (`create_run`, `log_text`, `set_tags`, `reopen_run`, `end_run`), and the search the
+sweep driver, its trials and the report make (`find_runs`, as plain `RunRecord`s; `experiment_names`).
+This is the only module that talks to MLflow.
 """
 
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,82 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
         return client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another process
         return client.get_experiment_by_name(name).experiment_id
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as `find_runs` returns it; `status` is RUNNING, FINISHED, FAILED or KILLED, `metrics` the last
+    logged values."""
+
+    run_id: str
+    status: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """A new RUNNING run in `experiment` (created if needed); its id."""
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, experiment, uri)
+    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    """Store `text` as the run's artifact file `name`."""
+    _log_text(MlflowClient(uri), run_id, text, name)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    MlflowClient(uri).log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark an ended run RUNNING again (a resumed sweep's parent)."""
+    MlflowClient(uri).update_run(run_id, status="RUNNING")
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """End the run FINISHED, FAILED or KILLED."""
+    MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def find_runs(uri: str, experiment: str, tags: dict[str, str] | None = None,
+              status: str | None = None) -> list[RunRecord]:
+    """Every run of `experiment` that has all of `tags` (and `status`, if given); none if there is no such
+    experiment."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    clauses = [f"tags.`{key}` = '{value}'" for key, value in (tags or {}).items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    records, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], " and ".join(clauses), max_results=1000, page_token=token)
+        records += [RunRecord(run.info.run_id, run.info.status, run.data.tags, run.data.params, run.data.metrics)
+                    for run in page]
+        token = page.token
+        if not token:
+            return records
+
+
+def experiment_names(uri: str) -> list[str]:
+    client, names, token = MlflowClient(uri), [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        names += [experiment.name for experiment in page]
+        token = page.token
+        if not token:
+            return names
+
+
+def _log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_text(text)
+        client.log_artifact(run_id, str(path))
 
 
 def run_tags(recipe: Recipe) -> dict[str, str]:
@@ -118,12 +200,8 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=entries[start:start + 500])
 
     def log_text(self, text: str, name: str) -> None:
-        if not self.enabled:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_text(text)
-            self.client.log_artifact(self.run_id, str(path))
+        if self.enabled:
+            _log_text(self.client, self.run_id, text, name)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         self.log_text(json.dumps(summary, indent=2, sort_keys=True), "summary.json")

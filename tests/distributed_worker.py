@@ -12,7 +12,7 @@ import torch
 
 from harness.engine import distributed
 from harness.engine.launch import agree_on_run, process_group
-from harness.engine.trainer import Trainer
+from harness.engine.loop import Trainer
 from harness.recipe import load_recipe
 from harness.track import Tracker
 
@@ -20,12 +20,12 @@ from harness.track import Tracker
 def main(out: Path, recipe_paths: list[str]) -> None:
     process = distributed.detect_process()
     recipes = [load_recipe(path) for path in recipe_paths]
-    with process_group(recipes[0], process, recipe_paths[0]):  # one group: torchrun's store serves one
-        for path, recipe in zip(recipe_paths, recipes, strict=True):
-            run_dir, state = agree_on_run(recipe, path, None, process)
-            trainer = Trainer(recipe, run_dir, source=path, resume=state, process=process)
+    with process_group(recipes[0], process):  # one group: torchrun's store serves one
+        for recipe in recipes:
+            run_dir, state = agree_on_run(recipe, None, process)
+            trainer = Trainer(recipe, run_dir, resume=state, process=process)
             trainer.fit(Tracker(recipe, enabled=False))
-            torch.save(trainer.model.state_dict(), out / f"{recipe.name}.rank{process.rank}.pt")
+            torch.save(trainer.final_state(), out / f"{recipe.name}.rank{process.rank}.pt")
 
 
 if __name__ == "__main__":

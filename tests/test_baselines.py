@@ -7,7 +7,6 @@ with torch primitives, never by calling the code under test a second way. Traine
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +18,10 @@ from harness import methods
 from harness.cli import main as cli
 from harness.data import DATASETS, DataSplits, build_datasets, register_dataset
 from harness.data.embedded import NormalisedImages
+from harness.engine.context import RunContext
+from harness.engine.distributed import ProcessInfo
 from harness.engine.launch import launch
+from harness.engine.precision import Precision
 from harness.methods.base import DataInfo
 from harness.methods.sg import tet_loss
 from harness.recipe import RecipeError, flatten, load_recipe, validate_recipe
@@ -28,7 +30,7 @@ from harness.snn.surrogate import arctan, rectangular, spike, surrogate_derivati
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MNIST5K = ["ann", "dsr_if", "dsr_lif", "sg_sdt", "sg_tet", "qcfs"]
-DIGITS_INFO = DataInfo(num_classes=10, input_shape=(1, 8, 8), source="test.yaml")
+DIGITS_INFO = DataInfo(num_classes=10, input_shape=(1, 8, 8))
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +53,14 @@ if "digits_tiny" not in DATASETS:
     register_dataset("digits_tiny")(tiny_digits)
 
 
+def run_context(train_loader) -> RunContext:
+    """What a method hook sees of a one-process fp32 run on the CPU."""
+    return RunContext(torch.device("cpu"), ProcessInfo(), Precision("fp32", "cpu"), train_loader, [], 10)
+
+
 def build(method: dict, **model):
     recipe = validate_recipe({"name": "t", "model": {"backbone": "snn_convnet", **model}, "method": method}, "t.yaml")
-    return methods.build(recipe, DIGITS_INFO)
+    return methods.build(recipe.model, recipe.method, DIGITS_INFO)
 
 
 def train(model: nn.Module, digits, epochs: int, lr: float = 0.05) -> nn.Module:
@@ -257,7 +264,7 @@ def test_calibrated_thresholds_are_the_percentile_of_the_ann_activations(digits,
     model = build({"name": "dsr", "neuron": neuron, "T": 4, "dt": 0.1,
                    "init": {"ann_checkpoint": str(path), "calibrate": {"percentile": 99.0, "batches": 3}}})
     assert model.prepare is not None
-    model.prepare(SimpleNamespace(train_loader=loader, device=torch.device("cpu")))
+    model.prepare(run_context(loader))
     activations = relu_outputs(ann, [b for b, _ in loader[:3]])
     neurons = dict(model.model.named_modules())
     assert len(activations) == 3
@@ -281,7 +288,7 @@ def test_hybrid_start_first_forward_agrees_with_the_ann(digits, ann_checkpoint):
     errors = {}
     for T in (4, 32):
         model = build({"name": "dsr", "T": T, "init": {"ann_checkpoint": str(path), "calibrate": {}}})
-        model.prepare(SimpleNamespace(train_loader=loader, device=torch.device("cpu")))
+        model.prepare(run_context(loader))
         snn = model.model.eval()
         first = snn.body.features.act1
         first_out: list[torch.Tensor] = []
@@ -340,7 +347,7 @@ def test_each_mnist5k_recipe_runs_one_epoch_and_logs_its_knobs(tmp_path, monkeyp
             ann_ckpt = next((tmp_path / "runs" / "mnist5k_ann_T4").glob("*/best.pt"))
             overrides += [f"method.init.ann_checkpoint={ann_ckpt}", "method.vth.init=calibrate"]
         recipe = load_recipe(RECIPES / f"mnist5k_{m}_T4.yaml", overrides)
-        summary = launch(recipe, f"mnist5k_{m}_T4.yaml", echo=lambda *_: None)
+        summary = launch(recipe, echo=lambda *_: None)
         run = client.get_run(summary["mlflow_run_id"])
         assert run.info.status == "FINISHED" and summary["epochs"] == 1
         params = run.data.params

@@ -69,7 +69,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(isolated, monkeypatc
 def test_resume_with_a_checkpoint_of_another_recipe(isolated, monkeypatch, capsys):
     first = isolated / "first.yaml"
     first.write_text(recipe_text(isolated))
-    summary = launch(load_recipe(first), str(first), echo=lambda *_: None)
+    summary = launch(load_recipe(first), echo=lambda *_: None)
     other = isolated / "other.yaml"
     other.write_text(recipe_text(isolated, T=3))
     runs_before = (isolated / "mlflow.db").stat().st_mtime

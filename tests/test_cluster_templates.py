@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from harness.cli import main
-from harness.engine.deepspeed_engine import deepspeed_config
+from harness.engine.engines.deepspeed import deepspeed_config
 from harness.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,9 +56,10 @@ def test_deepspeed_hostfile_and_config_fit_a_recipe(tmp_path):
     path = CLUSTER / "deepspeed" / "zero2.json"
     assert json.loads(path.read_text())["zero_optimization"]["stage"] == 2
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml",
-                         ["engine.kind=deepspeed", f"engine.deepspeed.config={path}"])
+                         ["engine.kind=deepspeed", f"engine.deepspeed.config={path}", "engine.precision=bf16",
+                          "optim.grad_clip=1.0"])
     slots = sum(int(line.split("slots=")[1]) for line in hosts)
-    config = deepspeed_config(recipe, 4, "quickstart")
+    config = deepspeed_config(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, 4)
     assert config["train_batch_size"] == recipe.data.batch_size == 4 * config["train_micro_batch_size_per_gpu"]
     assert slots >= 1 and "scheduler" not in config
 

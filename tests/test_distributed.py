@@ -22,11 +22,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DistributedSampler
 
+from harness.data import DataError
 from harness.data.loaders import SeededDataLoader
 from harness.engine import checkpoint, distributed
-from harness.engine.deepspeed_engine import deepspeed_config
+from harness.engine.engines.deepspeed import deepspeed_config
 from harness.engine.launch import launch
-from harness.engine.trainer import Trainer
+from harness.engine.loop import Trainer
 from harness.recipe import RecipeError, load_recipe
 from harness.track import Tracker
 
@@ -64,12 +65,12 @@ def one_process_reference(path: Path) -> tuple[dict, dict]:
     DistributedSampler of one replica draws the permutation whose consecutive 64-sample slices are exactly
     the union of the two ranks' 32-sample batches."""
     recipe = load_recipe(path, ["engine.kind=single"])
-    trainer = Trainer(recipe, path.parent / "reference", source=str(path))
+    trainer = Trainer(recipe, path.parent / "reference")
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    data = trainer.train_loader.dataset
+    data = trainer.data.train.dataset
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=recipe.seed, drop_last=True)
-    trainer.train_loader = SeededDataLoader(data, seed=recipe.seed, rank=0, batch_size=recipe.data.batch_size,
-                                            sampler=sampler, drop_last=True)
+    trainer.data.train = SeededDataLoader(data, seed=recipe.seed, rank=0, batch_size=recipe.data.batch_size,
+                                          sampler=sampler, drop_last=True)
     trainer.fit(Tracker(recipe, enabled=False))
     return initial, trainer.model.state_dict()
 
@@ -153,7 +154,7 @@ def test_killed_rank_fails_the_run_and_resume_continues_with_one_process(tmp_pat
     assert 1 <= state["epoch"] < 3 and state["mlflow_run_id"] == run.info.run_id
 
     # resume in this process: one process instead of two, same recipe, same MLflow run
-    summary = launch(load_recipe(path), str(path), resume=str(run_dir), echo=lambda *_: None)
+    summary = launch(load_recipe(path), resume=str(run_dir), echo=lambda *_: None)
     assert summary["epochs"] == 3 and summary["mlflow_run_id"] == run.info.run_id
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "test/acc1")]
@@ -178,21 +179,25 @@ def test_deepspeed_batch_numbers_always_agree(tmp_path):
     path = write_recipe(tmp_path, "dsconf", {"name": "ann"}, data={"batch_size": 96},
                         engine={"kind": "deepspeed", "grad_accum": 3, "precision": "bf16",
                                 "deepspeed": {"stage": 3, "offload_optimizer": True, "offload_param": True}})
-    config = deepspeed_config(load_recipe(path), 4, "r")
+    def config_of(recipe, world_size):
+        return deepspeed_config(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, world_size)
+
+    config = config_of(load_recipe(path), 4)
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
             config["gradient_accumulation_steps"]) == (96, 8, 3)
     assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                            "offload_param": {"device": "cpu"}}
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
-    with pytest.raises(RecipeError, match=r"data.batch_size: 96 must be a multiple of processes \(5\)"):
-        deepspeed_config(load_recipe(path), 5, "r")
+    with pytest.raises(DataError, match=r"data.batch_size: 96 does not split evenly over 5 processes x "
+                                         r"engine.grad_accum 3; use a multiple of 15"):
+        config_of(load_recipe(path), 5)
     full = tmp_path / "ds.json"
     full.write_text('{"train_batch_size": 96, "zero_optimization": {"stage": 1}, "optimizer": {"type": "Adam"}}')
-    config = deepspeed_config(load_recipe(path, [f"engine.deepspeed.config={full}"]), 4, "r")
+    config = config_of(load_recipe(path, [f"engine.deepspeed.config={full}"]), 4)
     assert config["gradient_accumulation_steps"] == 3 and config["optimizer"] == {"type": "Adam"}
     full.write_text('{"train_batch_size": 128}')
     with pytest.raises(RecipeError, match="train_batch_size: 128 disagrees with the recipe"):
-        deepspeed_config(load_recipe(path, [f"engine.deepspeed.config={full}"]), 4, "r")
+        config_of(load_recipe(path, [f"engine.deepspeed.config={full}"]), 4)
 
 
 def test_nproc_refuses_a_single_engine(tmp_path):

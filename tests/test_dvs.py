@@ -138,7 +138,7 @@ def test_dsr_model_takes_a_batch_as_a_sequence(dvs_root):
                          [f"data.root={root}", "data.frames=2", "method.T=2", "data.batch_size=2"])
     pipeline = build_pipeline(recipe.data, seed=0)
     assert pipeline.kind == "torch" and pipeline.input_shape == (2, 2, 48, 48)
-    method = methods.build(recipe, methods.DataInfo(pipeline.num_classes, pipeline.input_shape))
+    method = methods.build(recipe.model, recipe.method, methods.DataInfo(pipeline.num_classes, pipeline.input_shape))
     x, y = next(iter(pipeline.train))
     loss, logits = method.forward_loss(x, y)
     assert x.shape == (2, 2, 2, 48, 48) and logits.shape == (2, 10) and torch.isfinite(loss)

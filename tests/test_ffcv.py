@@ -177,7 +177,7 @@ optim: {{name: sgd, lr: 0.05, epochs: 1}}
 track: {{experiment: tests, tracking_uri: "sqlite:///{tmp_path}/mlflow.db", output_dir: "{tmp_path}/runs"}}
 """)
     said: list[str] = []
-    summary = launch(load_recipe(recipe_path), str(recipe_path), echo=said.append)
+    summary = launch(load_recipe(recipe_path), echo=said.append)
     assert summary["epochs"] == 1 and 0 <= summary["final_test_acc1"] <= 100
     assert sum("through the ffcv loader" in line for line in said) == 1
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["mlflow_run_id"])

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.engine import checkpoint
 from harness.engine.launch import launch
-from harness.engine.trainer import Trainer
+from harness.engine.loop import Trainer
 from harness.recipe import load_recipe
 
 RECIPE = """
@@ -46,7 +46,7 @@ def test_launch_logs_one_finished_run_with_params_tags_metrics_artifacts(tmp_pat
     monkeypatch.chdir(tmp_path)
     path = make_recipe(tmp_path, method)
     recipe = load_recipe(path)
-    summary = launch(recipe, str(path), echo=lambda *_: None)
+    summary = launch(recipe, echo=lambda *_: None)
     client, found = runs(tmp_path)
     assert len(found) == 1
     run = found[0]
@@ -83,23 +83,23 @@ class Interrupt(KeyboardInterrupt):
 def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = make_recipe(tmp_path, "dsr", epochs=3)
-    straight = launch(load_recipe(path), str(path), echo=lambda *_: None)
+    straight = launch(load_recipe(path), echo=lambda *_: None)
 
-    real_save = Trainer.save
+    real_save = checkpoint.Checkpointer.save
 
-    def save_then_stop(self, is_best):
-        real_save(self, is_best)
-        if self.epoch == 2:
+    def save_then_stop(self, engine, counters, *args):
+        real_save(self, engine, counters, *args)
+        if counters["epoch"] == 2:
             raise Interrupt()
 
-    monkeypatch.setattr(Trainer, "save", save_then_stop)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_stop)
     with pytest.raises(Interrupt):
-        launch(load_recipe(path), str(path), echo=lambda *_: None)
-    monkeypatch.setattr(Trainer, "save", real_save)
+        launch(load_recipe(path), echo=lambda *_: None)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
     client, found = runs(tmp_path)
     killed = [r for r in found if r.info.status == "KILLED"]
     assert len(killed) == 1
-    resumed = launch(load_recipe(path), str(path), resume="latest", echo=lambda *_: None)
+    resumed = launch(load_recipe(path), resume="latest", echo=lambda *_: None)
 
     assert resumed["mlflow_run_id"] == killed[0].info.run_id  # one training run, one MLflow run
     assert client.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
@@ -124,7 +124,7 @@ def test_crash_marks_run_failed_and_keeps_last_checkpoint(tmp_path, monkeypatch)
 
     monkeypatch.setattr(Trainer, "train_epoch", crash_in_second_epoch)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        launch(load_recipe(path), str(path), echo=lambda *_: None)
+        launch(load_recipe(path), echo=lambda *_: None)
     _, found = runs(tmp_path)
     assert [r.info.status for r in found] == ["FAILED"]
     (last,) = (tmp_path / "runs").glob("digits_dsr/*/last.pt")

@@ -8,7 +8,7 @@ from torch import nn
 import harness.models  # noqa: F401
 from harness.methods import DataInfo, build
 from harness.methods.base import drop_output_activation
-from harness.recipe import Recipe
+from harness.recipe import ModelConfig, method_section
 
 
 @pytest.mark.parametrize("name,shape", [("snn_convnet", (1, 28, 28)), ("preact_resnet18_cifar", (3, 32, 32)),
@@ -41,8 +41,8 @@ def test_stock_timm_model_ending_in_linear_is_unchanged():
 
 def test_ann_and_dsr_share_the_backbone_parameters():
     info = DataInfo(10, (1, 28, 28))
-    ann = build(Recipe(name="a", method={"name": "ann"}), info).model
-    dsr = build(Recipe(name="d", method={"name": "dsr", "T": 2}), info).model
+    ann = build(ModelConfig(), method_section({"name": "ann"}), info).model
+    dsr = build(ModelConfig(), method_section({"name": "dsr", "T": 2}), info).model
     ann_keys = {k: v.shape for k, v in ann.state_dict().items()}
     dsr_keys = {k.removeprefix("body."): v.shape for k, v in dsr.state_dict().items() if ".vth" not in k}
     assert ann_keys == dsr_keys

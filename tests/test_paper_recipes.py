@@ -49,7 +49,7 @@ def test_paper_recipe_runs_one_step(tmp_path, monkeypatch, name):
     recipe = load_recipe(path, [f"data.root={tmp_path}", "data.batch_size=2", "data.workers=0",
                                 "optim.epochs=1", f"track.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
                                 f"track.output_dir={tmp_path}/runs"])
-    summary = launch(recipe, str(path), echo=lambda *_: None)
+    summary = launch(recipe, echo=lambda *_: None)
     state = checkpoint.load(Path(summary["run_dir"]) / "last.pt")
     expected_steps = 1 if name.startswith("cifar100") else 2
     assert state["step"] == expected_steps and state["epoch"] == 1

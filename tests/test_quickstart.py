@@ -17,6 +17,6 @@ def test_quickstart_dsr_reaches_96_percent_within_1_point_of_the_ann(tmp_path, m
         path = RECIPES / f"{name}.yaml"
         recipe = load_recipe(path, [f"track.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
                                     f"track.output_dir={tmp_path}/runs"])
-        results[name] = launch(recipe, str(path), echo=lambda *_: None)["final_test_acc1"]
+        results[name] = launch(recipe, echo=lambda *_: None)["final_test_acc1"]
     assert results["quickstart"] >= 96.0, results
     assert results["quickstart_ann"] - results["quickstart"] <= 1.0, results

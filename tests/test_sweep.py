@@ -2,6 +2,7 @@
 
 The real sweep has 5 trials: ann and dsr (T=2) x seeds 0, 1, and one `broken` trial whose batch is larger
 than the training set (launch raises), run with `retries: 1`. The table checks read the same MLflow store.
+Another real sweep runs under a launcher's environment (srun's rank 1 of 2): its trial is still one process.
 """
 
 import statistics
@@ -125,6 +126,7 @@ def _runs(uri: str, sweep_id: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{sweep_id}'")
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_trial_as_one_mlflow_run_under_its_parent(swept):
     summary, uri = swept
     runs = _runs(uri, summary["sweep_id"])
@@ -142,6 +144,7 @@ def test_sweep_runs_every_trial_as_one_mlflow_run_under_its_parent(swept):
     assert 0 < by_method["dsr"]["firing_rate/mean"] < 1
 
 
+@pytest.mark.slow
 def test_failing_trial_is_retried_then_recorded_failed(swept):
     summary, uri = swept
     broken = [r for r in _runs(uri, summary["sweep_id"]) if r.data.tags.get("sweep.trial") == "broken-seed=0"]
@@ -163,6 +166,7 @@ def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_table_cells_equal_the_run_metrics(swept, monkeypatch, capsys):
     summary, uri = swept
     finished = [r for r in _runs(uri, summary["sweep_id"]) if r.info.status == "FINISHED" and "method" in r.data.tags]
@@ -187,6 +191,7 @@ def test_table_cells_equal_the_run_metrics(swept, monkeypatch, capsys):
     assert rows["ann"][2] == "none"  # the ANN is a T-independent row
 
 
+@pytest.mark.slow
 def test_table_rejects_unknown_experiment_and_metric(swept, monkeypatch, capsys):
     _summary, uri = swept
     code, _, err = _cli(monkeypatch, capsys, "table", "--experiment", "nope", "--tracking-uri", uri)
@@ -196,8 +201,25 @@ def test_table_rejects_unknown_experiment_and_metric(swept, monkeypatch, capsys)
     assert code == 2 and "error: metric 'test/acc9' is in none of the" in err and "test/acc1" in err
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(swept, monkeypatch, capsys, tmp_path):
     summary, uri = swept
     code, out, _ = _cli(monkeypatch, capsys, "plot", "--experiment", "sweeps", "--sweep", summary["sweep_id"],
                         "--tracking-uri", uri, "--output", str(tmp_path / "p.png"))
     assert code == 0 and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_trial_is_one_process_under_a_launchers_environment(tmp_path, base, monkeypatch):
+    """A Ray worker started under `srun` inherits SLURM_PROCID/SLURM_STEP_NUM_TASKS: the trial must not take
+    itself for rank 1 of a 2-process job (no rendezvous, and it logs and trains as rank 0)."""
+    from harness.sweep import run_sweep
+
+    for name, value in {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(name, value)  # before Ray starts here: its workers inherit the environment
+    sweep = write(tmp_path / "s.yaml", {"name": "srun", "recipe": "base.yaml", "resources": {"cpu": 1}})
+    summary = run_sweep(sweep, num_cpus=1)
+    runs = _runs(summary["tracking_uri"], summary["sweep_id"])
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
+    assert summary["status"] == "FINISHED" and summary["runs"] == {"FINISHED": 1, "FAILED": 0, "KILLED": 0}
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED" and "test/acc1" in trials[0].data.metrics

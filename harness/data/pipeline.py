@@ -2,7 +2,9 @@
 a torch DataLoader otherwise).
 
 `build_pipeline(cfg, seed, rank, world_size)` -> `Pipeline`; the global `cfg.batch_size` is split
-evenly over the `world_size` processes. `set_epoch(loader, e)` must be called before each pass.
+exactly over the `world_size` processes (`per_process_batch` refuses a batch that does not divide, so a
+recipe trains the same global batch on any number of processes); evaluation batches are split rounding
+up (they only partition the validation set). `set_epoch(loader, e)` must be called before each pass.
 `cfg.loader`: `torch` reads the data set under `cfg.root`; `ffcv` reads the `.beton` files `cfg.train`
 and `cfg.val` (harness/data/ffcv.py); `auto` takes ffcv when it imports and both files are given, else
 torch. `Pipeline.note` says which loader it took and why; `harness launch` prints it once.
@@ -27,8 +29,18 @@ class Pipeline:
     note: str = ""  # which loader and why, for the run's first line
 
 
-def per_process_batch(batch_size: int, world_size: int) -> int:
-    return max(1, batch_size // world_size)
+def per_process_batch(batch_size: int, world_size: int, grad_accum: int = 1) -> int:
+    """Samples per process per forward: data.batch_size / (processes * engine.grad_accum), exactly."""
+    parts = world_size * grad_accum
+    if batch_size % parts:
+        split = f"{world_size} processes" + (f" x engine.grad_accum {grad_accum}" if grad_accum > 1 else "")
+        raise DataError(f"data.batch_size: {batch_size} does not split evenly over {split}; use a multiple of "
+                        f"{parts} (the global batch is trained exactly, never rounded)")
+    return batch_size // parts
+
+
+def per_process_eval_batch(batch_size: int, world_size: int) -> int:
+    return -(-batch_size // world_size)
 
 
 def ffcv_import_error() -> str | None:
@@ -85,7 +97,7 @@ def build_ffcv_pipeline(cfg, seed: int, rank: int, world_size: int) -> Pipeline:
                   frames=frames)
     train = FfcvLoader(cfg.train, batch_size=per_process_batch(cfg.batch_size, world_size), train=True,
                        augment=cfg.augment, **common)
-    val = FfcvLoader(cfg.val, batch_size=per_process_batch(cfg.eval_batch_size or cfg.batch_size, world_size),
+    val = FfcvLoader(cfg.val, batch_size=per_process_eval_batch(cfg.eval_batch_size or cfg.batch_size, world_size),
                      train=False, augment=False, **common)
     num_classes = spec.num_classes or int(beton_labels(train.reader).max()) + 1
     size = spec.input_size
@@ -101,7 +113,7 @@ def build_pipeline(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Pipeli
     else:
         splits = build_datasets(cfg.dataset, cfg.root, augment=cfg.augment, **dataset_options(cfg))
         train, val = build_loaders(splits, per_process_batch(cfg.batch_size, world_size),
-                                   per_process_batch(cfg.eval_batch_size or cfg.batch_size, world_size),
+                                   per_process_eval_batch(cfg.eval_batch_size or cfg.batch_size, world_size),
                                    cfg.workers, seed, rank=rank, world_size=world_size)
         pipeline = Pipeline(train, val, splits.num_classes, tuple(splits.input_shape), len(splits.train), "torch")
     pipeline.note = f"{cfg.dataset} through the {kind} loader ({reason})"

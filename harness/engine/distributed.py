@@ -31,8 +31,6 @@ one-process step up to float rounding.
 import datetime
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,22 +90,13 @@ def process_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, 0x5EED]).generate_state(1)[0])
 
 
-def micro_batch_size(batch_size: int, world_size: int, grad_accum: int, source: str) -> int:
-    """Samples per process per forward: data.batch_size / (processes * engine.grad_accum), exactly."""
-    parts = world_size * grad_accum
-    if batch_size % parts:
-        raise RecipeError(f"{source}: data.batch_size: {batch_size} must be a multiple of processes ({world_size}) "
-                          f"* engine.grad_accum ({grad_accum}) = {parts}")
-    return batch_size // parts
-
-
 def backend_for(engine: EngineConfig, device: torch.device) -> str:
     if engine.backend != "auto":
         return engine.backend
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_group(process: ProcessInfo, engine: EngineConfig, device: torch.device, source: str) -> None:
+def init_process_group(process: ProcessInfo, engine: EngineConfig, device: torch.device) -> None:
     """Join the job's process group (env:// rendezvous at MASTER_ADDR:MASTER_PORT; one process: a group of
     its own on a free local port)."""
     if dist.is_initialized():
@@ -115,11 +104,11 @@ def init_process_group(process: ProcessInfo, engine: EngineConfig, device: torch
     init_method = "env://" if process.distributed else f"tcp://127.0.0.1:{_free_port()}"
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ and process.distributed]
     if missing:
-        raise RecipeError(f"{source}: engine.kind: {engine.kind} with {process.world_size} processes "
+        raise RecipeError(f"engine.kind: {engine.kind} with {process.world_size} processes "
                           f"({process.launcher}) needs {' and '.join(missing)} set to rank 0's host and a free port")
     backend = backend_for(engine, device)
     if backend == "nccl" and device.type != "cuda":
-        raise RecipeError(f"{source}: engine.backend: nccl needs CUDA devices; use gloo or auto on the CPU")
+        raise RecipeError("engine.backend: nccl needs CUDA devices; use gloo or auto on the CPU")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=process.rank, world_size=process.world_size,
@@ -171,13 +160,3 @@ def apply_ddp(module: nn.Module, device: torch.device) -> DistributedDataParalle
     """Wrap the plain training module in DDP (rank 0's parameters and buffers are broadcast first)."""
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=True)
-
-
-@contextmanager
-def no_sync_unless(sync: bool, module: nn.Module) -> Iterator[None]:
-    """DDP's `no_sync()` (keep gradients local) for every micro-batch but the last of an optimizer step."""
-    if sync or not isinstance(module, DistributedDataParallel):
-        yield
-    else:
-        with module.no_sync():
-            yield

@@ -16,6 +16,7 @@ one survives. A DeepSpeed run in one process gets a one-process group of its own
 """
 
 import json
+import math
 import signal
 import time
 from collections.abc import Iterator
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.engine import checkpoint, distributed
+from harness.engine.build import pick_device
 from harness.engine.distributed import ProcessInfo
-from harness.engine.trainer import Trainer, pick_device
+from harness.engine.loop import Trainer
 from harness.errors import HarnessError
 from harness.recipe import Recipe, RecipeError, recipe_to_yaml
 from harness.track import Tracker, tracking_uri
@@ -58,28 +60,28 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix} (checkpoint {a!r}, recipe {b!r})"]
 
 
-def find_resume_dir(recipe: Recipe, resume: str, source: str) -> Path:
+def find_resume_dir(recipe: Recipe, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume)
         return path.parent if path.is_file() else path
     base = Path(recipe.track.output_dir) / recipe.name
     candidates = sorted(p.parent for p in base.glob(f"*/{checkpoint.LAST}"))
     if not candidates:
-        raise RecipeError(f"{source}: --resume: no {checkpoint.LAST} under {base}/ to resume; pass a run folder")
+        raise RecipeError(f"--resume: no {checkpoint.LAST} under {base}/ to resume; pass a run folder")
     return candidates[-1]
 
 
-def check_resumable(state: dict, recipe: Recipe, ckpt_path: Path, source: str) -> None:
+def check_resumable(state: dict, recipe: Recipe, ckpt_path: Path) -> None:
     if "recipe" not in state or "model" not in state or "optimizer" not in state:
-        raise RecipeError(f"{ckpt_path}: not a training checkpoint of harness launch (no recipe/optimizer state)")
+        raise RecipeError("not a training checkpoint of harness launch (no recipe/optimizer state)", file=ckpt_path)
     diffs = _differences(_comparable(state["recipe"]), _comparable(recipe.model_dump(mode="json")))
     if diffs:
-        raise RecipeError(f"{ckpt_path}: --resume: checkpoint was written by another recipe; differs from {source} "
+        raise RecipeError(f"--resume: checkpoint was written by another recipe; differs from this recipe "
                           f"in {diffs[0]}" + (f" and {len(diffs) - 1} more field(s)" if len(diffs) > 1 else "")
-                          + f"; only {', '.join(RESUMABLE_CHANGES)} may change")
+                          + f"; only {', '.join(RESUMABLE_CHANGES)} may change", file=ckpt_path)
 
 
-def prepare_run(recipe: Recipe, source: str, resume: str | None) -> tuple[Path, dict | None]:
+def prepare_run(recipe: Recipe, resume: str | None) -> tuple[Path, dict | None]:
     """The run folder and, when resuming, the checkpoint state (validated against the recipe)."""
     if resume is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -89,40 +91,37 @@ def prepare_run(recipe: Recipe, source: str, resume: str | None) -> tuple[Path, 
             run_dir = Path(recipe.track.output_dir) / recipe.name / f"{stamp}-{suffix}"
             suffix += 1
         return run_dir, None
-    run_dir = find_resume_dir(recipe, resume, source)
+    run_dir = find_resume_dir(recipe, resume)
     ckpt_path = run_dir / checkpoint.LAST
-    try:
-        state = checkpoint.load(ckpt_path)
-    except checkpoint.CheckpointError as e:
-        raise RecipeError(f"--resume: {e}") from None
-    check_resumable(state, recipe, ckpt_path, source)
+    state = checkpoint.load(ckpt_path)
+    check_resumable(state, recipe, ckpt_path)
     return run_dir, state
 
 
-def agree_on_run(recipe: Recipe, source: str, resume: str | None, process: ProcessInfo) -> tuple[Path, dict | None]:
+def agree_on_run(recipe: Recipe, resume: str | None, process: ProcessInfo) -> tuple[Path, dict | None]:
     """`prepare_run` on rank 0, its folder broadcast to every rank, which loads the same checkpoint; a
     `HarnessError` on rank 0 is raised on every rank."""
     if not process.distributed:
-        return prepare_run(recipe, source, resume)
-    outcome: dict[str, str | None] = {"run_dir": None, "error": None}
+        return prepare_run(recipe, resume)
+    outcome: dict[str, str | None] = {"run_dir": None, "error": None, "file": None}
     if process.is_main:
         try:
-            run_dir, state = prepare_run(recipe, source, resume)
+            run_dir, state = prepare_run(recipe, resume)
             outcome["run_dir"] = str(run_dir)
         except HarnessError as e:
-            outcome["error"] = str(e)
+            outcome.update(error=e.message, file=e.file)
             distributed.broadcast_object(outcome, process)
             raise
     outcome = distributed.broadcast_object(outcome, process)
     if outcome["error"] is not None:
-        raise RecipeError(outcome["error"])
+        raise RecipeError(outcome["error"], file=outcome["file"])
     run_dir = Path(outcome["run_dir"])
     if not process.is_main:
         try:
             state = checkpoint.load(run_dir / checkpoint.LAST) if resume is not None else None
         except checkpoint.CheckpointError as e:
-            raise RecipeError(f"--resume on rank {process.rank}: {e} (track.output_dir must be on a file system "
-                              "every node shares)") from None
+            raise RecipeError(f"--resume on rank {process.rank}: {e.message} (track.output_dir must be on a file "
+                              "system every node shares)", file=e.file) from None
     return run_dir, state
 
 
@@ -132,12 +131,12 @@ def _torn_down(signum, _frame):
 
 
 @contextmanager
-def process_group(recipe: Recipe, process: ProcessInfo, source: str) -> Iterator[None]:
+def process_group(recipe: Recipe, process: ProcessInfo) -> Iterator[None]:
     """Joined to the job's process group while inside (none for a one-process run that is not DeepSpeed)."""
     if not process.distributed and recipe.engine.kind != "deepspeed":
         yield
         return
-    distributed.init_process_group(process, recipe.engine, pick_device(recipe, process, source), source)
+    distributed.init_process_group(process, recipe.engine, pick_device(recipe.engine, process))
     previous = signal.signal(signal.SIGTERM, _torn_down) if process.distributed else None
     try:
         yield
@@ -147,34 +146,50 @@ def process_group(recipe: Recipe, process: ProcessInfo, source: str) -> Iterator
         distributed.teardown()
 
 
-def launch(recipe: Recipe, source: str, resume: str | None = None, process: ProcessInfo | None = None,
-           echo=print, on_epoch_end=None, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train `recipe` (from file `source`) to the end; return the summary.
+def launch(recipe: Recipe, resume: str | None = None, process: ProcessInfo | None = None, echo=print,
+           on_epoch_end=None, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train `recipe` to the end; return the summary. Errors about the recipe do not name its file: the
+    caller that read it does (`harness.errors.in_file`).
 
     `process` defaults to what the environment says (`distributed.detect_process`).
     `on_epoch_end(epoch, metrics)` is handed to `Trainer.fit`; `parent_run_id` nests the MLflow run."""
     process = process or distributed.detect_process()
-    with process_group(recipe, process, source):
-        return _train(recipe, source, resume, process, echo, on_epoch_end, parent_run_id)
+    with process_group(recipe, process):
+        return _train(recipe, resume, process, echo, on_epoch_end, parent_run_id)
 
 
-def _train(recipe: Recipe, source: str, resume: str | None, process: ProcessInfo, echo, on_epoch_end,
+def summarize(trainer: Trainer, history: list[dict[str, float]], wall_time_s: float,
+              tracker: Tracker) -> dict[str, Any]:
+    """The run's summary: what `summary.json` holds and `harness launch` prints."""
+    final = history[-1] if history else {}
+    return {
+        "recipe": trainer.recipe.name, "epochs": trainer.epoch,
+        "final_test_acc1": final.get("test/acc1", math.nan), "best_test_acc1": trainer.best_acc1,
+        "final_test_acc5": final.get("test/acc5"), "firing_rate_mean": final.get("firing_rate/mean"),
+        "wall_time_s": wall_time_s, "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "run_dir": str(trainer.run_dir), "mlflow_run_id": tracker.run_id,
+        "tracking_uri": tracking_uri(trainer.recipe), "experiment": trainer.recipe.track.experiment,
+    }
+
+
+def _train(recipe: Recipe, resume: str | None, process: ProcessInfo, echo, on_epoch_end,
            parent_run_id: str | None) -> dict[str, Any]:
-    run_dir, state = agree_on_run(recipe, source, resume, process)
-    trainer = Trainer(recipe, run_dir, source=source, resume=state, process=process)
+    run_dir, state = agree_on_run(recipe, resume, process)
+    trainer = Trainer(recipe, run_dir, resume=state, process=process)
     if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         where = f"resuming at epoch {trainer.epoch}" if state else "new run"
         procs = f" x {process.world_size} processes ({recipe.engine.kind})" if process.distributed else ""
-        echo(f"{recipe.name}: {where} in {run_dir}; {trainer.iters_per_epoch} steps/epoch on {trainer.device}{procs}")
+        echo(f"{recipe.name}: {where} in {run_dir}; {trainer.iters_per_epoch} steps/epoch on "
+             f"{trainer.context.device}{procs}")
         echo(f"data: {trainer.data.note}")
     resume_run_id = state.get("mlflow_run_id") if state else None
     with Tracker(recipe, resume_run_id=resume_run_id, enabled=process.is_main,
                  parent_run_id=parent_run_id) as tracker:
-        summary = trainer.fit(tracker, on_epoch_end=on_epoch_end)
-        summary["tracking_uri"] = tracking_uri(recipe)
-        summary["experiment"] = recipe.track.experiment
+        start = time.perf_counter()
+        history = trainer.fit(tracker, on_epoch_end=on_epoch_end)
+        summary = summarize(trainer, history, time.perf_counter() - start, tracker)
         tracker.log_summary(summary)
     if process.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -10,9 +10,9 @@ DSR hybrid start calibrates its output threshold from the ReLU of that pre-activ
 from torch import nn
 
 from harness.methods.base import DataInfo, MethodModel, create_backbone, drop_output_activation
-from harness.recipe import Recipe
+from harness.recipe import AnnMethod, ModelConfig
 
 
-def build(recipe: Recipe, data: DataInfo) -> MethodModel:
-    ann = drop_output_activation(create_backbone(recipe, data, act_layer=nn.ReLU), data.input_shape)
+def build(model: ModelConfig, method: AnnMethod, data: DataInfo) -> MethodModel:
+    ann = drop_output_activation(create_backbone(model, data, act_layer=nn.ReLU), data.input_shape)
     return MethodModel(model=ann, spiking=False)

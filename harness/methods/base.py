@@ -1,4 +1,8 @@
-"""What every method hands the trainer: a model that maps a batch to logits, and its loss."""
+"""What every method hands the trainer: a model that maps a batch to logits, and its loss.
+
+A method is built from the sections it needs (`model`, `method`) and what the data says (`DataInfo`),
+never from the whole recipe; its hooks receive a `RunContext` (harness/engine/context.py), not the trainer.
+"""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,16 +13,15 @@ import torch
 from torch import nn
 
 import harness.models  # noqa: F401  (registers our backbones in timm)
-from harness.recipe import Recipe, RecipeError
+from harness.recipe import ModelConfig, RecipeError
 
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a method needs to know of the data: classes, one sample's shape, the recipe file."""
+    """What a method needs to know of the data: classes and one sample's shape."""
 
     num_classes: int
     input_shape: tuple[int, ...]  # [C, H, W], or [T, C, H, W] for frame sequences (DVS)
-    source: str = "recipe"
 
     @property
     def is_sequence(self) -> bool:
@@ -40,10 +43,11 @@ class MethodModel:
 
     `forward_loss(x, y)` -> (loss, logits): the training step's whole forward; a method whose loss
     needs more than the logits (per-step losses) subclasses and overrides it.
-    `extra_eval(trainer) -> metrics`, if set, runs after each evaluation (e.g. a converted SNN at
-    several T) and its metrics are logged with the others (a key the evaluation also wrote is replaced).
-    `prepare(trainer)`, if set, runs once before the first epoch of a new run (never on resume): what
-    needs training batches before training starts (e.g. threshold calibration from an ANN).
+    `extra_eval(run) -> metrics`, if set, runs after each evaluation (e.g. a converted SNN at several T)
+    and its metrics are logged with the others (a key the evaluation also wrote is replaced).
+    `prepare(run)`, if set, runs once before the first epoch of a new run (never on resume): what needs
+    training batches before training starts (e.g. threshold calibration from an ANN). `run` is the
+    run's `RunContext`.
     """
 
     model: nn.Module
@@ -83,20 +87,20 @@ def drop_output_activation(model: nn.Module, input_shape: tuple[int, ...]) -> nn
     return model
 
 
-def create_backbone(recipe: Recipe, data: DataInfo, act_layer: type[nn.Module] | None = None) -> nn.Module:
-    """The ANN backbone of the recipe, from timm's registry (ours are registered by harness.models)."""
-    name = recipe.model.backbone
+def create_backbone(model: ModelConfig, data: DataInfo, act_layer: type[nn.Module] | None = None) -> nn.Module:
+    """The ANN backbone of the recipe's `model` section, from timm's registry (ours are registered by
+    harness.models)."""
+    name = model.backbone
     if not timm.is_model(name):
         ours = ", ".join(sorted(timm.list_models(["preact_*", "snn_*", "vgg*_dvs"])))
-        raise RecipeError(f"{data.source}: model.backbone: unknown backbone {name!r}; "
-                          f"ours: {ours}; or any name in timm.list_models()")
-    in_chans = data.input_shape[-3]
-    kwargs = dict(num_classes=recipe.model.num_classes or data.num_classes, in_chans=in_chans,
-                  drop_rate=recipe.model.drop_rate)
+        raise RecipeError(f"model.backbone: unknown backbone {name!r}; ours: {ours}; or any name in "
+                          "timm.list_models()")
+    kwargs = dict(num_classes=model.num_classes or data.num_classes, in_chans=data.input_shape[-3],
+                  drop_rate=model.drop_rate)
     if act_layer is not None:
         kwargs["act_layer"] = act_layer
-    kwargs.update(recipe.model.kwargs)
+    kwargs.update(model.kwargs)
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
-        raise RecipeError(f"{data.source}: model: timm.create_model({name!r}) rejected the arguments: {e}") from None
+        raise RecipeError(f"model: timm.create_model({name!r}) rejected the arguments: {e}") from None

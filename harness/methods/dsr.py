@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness.engine.context import RunContext
 from harness.methods.base import DataInfo, MethodModel, create_backbone
-from harness.recipe import DSRMethod, Recipe, RecipeError
+from harness.recipe import DSRMethod, ModelConfig, RecipeError
 from harness.snn import DSRIF, DSRLIF, activation_percentiles, set_thresholds, spikify
 
 # Placeholder thresholds of neurons whose V comes from calibration (overwritten before the first step).
@@ -35,9 +36,9 @@ def neuron_factory(method: DSRMethod):
     return lambda: DSRIF(method.T, **common)
 
 
-def load_ann_weights(ann: nn.Module, path: str, source: str) -> None:
+def load_ann_weights(ann: nn.Module, path: str) -> None:
     """Load a `method: ann` checkpoint into `ann`; RecipeError (one line, naming the file) if it does not fit."""
-    where = f"{source}: method.init.ann_checkpoint: {path}"
+    where = f"method.init.ann_checkpoint: {path}"
     if not Path(path).is_file():
         raise RecipeError(f"{where}: file not found")
     try:
@@ -62,17 +63,17 @@ def load_ann_weights(ann: nn.Module, path: str, source: str) -> None:
 
 
 def calibrator(ann: nn.Module, snn: nn.Module, method: DSRMethod, frames: bool):
-    """`prepare(trainer)`: thresholds from `ann`'s activations on the trainer's first training batches."""
+    """`prepare(run)`: thresholds from `ann`'s activations on the run's first training batches."""
     settings = method.init.calibrate
     scale = method.dt if method.neuron == "lif" else 1.0
 
-    def prepare(trainer) -> None:
-        ann.to(trainer.device)
-        batches = [x.to(trainer.device) for x, _ in islice(trainer.train_loader, settings.batches)]
+    def prepare(run: RunContext) -> None:
+        ann.to(run.device)
+        batches = [x.to(run.device) for x, _ in islice(run.train_loader, settings.batches)]
         if frames:  # [B, T, C, H, W] -> every frame a sample of the ANN
             batches = [x.flatten(0, 1) for x in batches]
         set_thresholds(snn, activation_percentiles(ann, batches, settings.percentile), scale)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if run.process.distributed:
             for neuron in snn.neurons():
                 torch.distributed.broadcast(neuron.vth.data, src=0)
         ann.cpu()
@@ -80,11 +81,10 @@ def calibrator(ann: nn.Module, snn: nn.Module, method: DSRMethod, frames: bool):
     return prepare
 
 
-def build(recipe: Recipe, data: DataInfo) -> MethodModel:
-    method: DSRMethod = recipe.method
-    ann = create_backbone(recipe, data, act_layer=nn.ReLU)
+def build(model: ModelConfig, method: DSRMethod, data: DataInfo) -> MethodModel:
+    ann = create_backbone(model, data, act_layer=nn.ReLU)
     if method.init.ann_checkpoint is not None:
-        load_ann_weights(ann, method.init.ann_checkpoint, data.source)
+        load_ann_weights(ann, method.init.ann_checkpoint)
     snn = spikify(ann, neuron_factory(method), method.T, encoding=data.encoding)
     prepare = calibrator(ann, snn, method, data.is_sequence) if method.init.calibrate is not None else None
     return MethodModel(model=snn, spiking=True, prepare=prepare)

@@ -13,49 +13,35 @@ by the SNN's at `method.T`, so a qcfs run is compared with the other methods at 
 import torch
 from torch import nn
 
+from harness.engine.context import RunContext
+from harness.engine.evaluation import evaluate_outputs
 from harness.methods.base import DataInfo, MethodModel, create_backbone, drop_output_activation
-from harness.recipe import QCFSMethod, Recipe
+from harness.recipe import ModelConfig, QCFSMethod
 from harness.snn import QCFS, convert_qcfs, replace_activations
 
 
 def snn_evaluator(ann: nn.Module, method: QCFSMethod):
-    """`extra_eval(trainer)`: accuracies of the converted SNN at every T, and of the ANN."""
+    """`extra_eval(run)`: accuracies of the converted SNN at every T, and of the ANN (the shared evaluation
+    routine, `harness.engine.evaluation.evaluate_outputs`, over one SNN run of max(T) steps)."""
     steps_list = sorted(set(method.eval_T) | {method.T})
 
-    def extra_eval(trainer) -> dict[str, float]:
+    def extra_eval(run: RunContext) -> dict[str, float]:
         snn = convert_qcfs(ann, max(steps_list)).eval()
-        top5 = trainer.num_classes > 5
-        # per T: loss sum, top-1, top-5; then the ANN's top-1 and the sample count
-        totals = torch.zeros(3 * len(steps_list) + 2, dtype=torch.float64)
-        for x, y in trainer.val_loader:
-            x, y = x.to(trainer.device, trainer.input_dtype), y.to(trainer.device)
-            with trainer.autocast():
-                cumulative = snn.forward_steps(x).float().cumsum(dim=0)
-                ann_logits = ann(x).float()
-            counts = []
-            for T in steps_list:
-                logits = cumulative[T - 1] / T
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-                counts += [nn.functional.cross_entropy(logits, y, reduction="sum").item(),
-                           top[:, 0].sum().item(), top.any(dim=1).sum().item()]
-            totals += torch.tensor(counts + [(ann_logits.argmax(dim=1) == y).sum().item(), y.shape[0]],
-                                   dtype=torch.float64)
-        totals = trainer.reduce(totals)
-        n = totals[-1].item()
-        per_T = {T: totals[3 * i:3 * i + 3] / n for i, T in enumerate(steps_list)}
-        metrics = {f"test/acc1_T{T}": 100.0 * per_T[T][1].item() for T in method.eval_T}
-        metrics["test/acc1_ann"] = 100.0 * totals[-2].item() / n
-        loss, acc1, acc5 = per_T[method.T].tolist()
-        metrics.update({"test/loss": loss, "test/acc1": 100.0 * acc1})
-        if top5:
-            metrics["test/acc5"] = 100.0 * acc5
+
+        def outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            cumulative = snn.forward_steps(x).float().cumsum(dim=0)
+            return {"ann": ann(x), **{f"T{T}": cumulative[T - 1] / T for T in steps_list}}
+
+        scores = evaluate_outputs(outputs, run)
+        metrics = {f"test/acc1_T{T}": scores[f"T{T}"]["acc1"] for T in method.eval_T}
+        metrics["test/acc1_ann"] = scores["ann"]["acc1"]
+        metrics.update({f"test/{name}": value for name, value in scores[f"T{method.T}"].items()})
         return metrics
 
     return extra_eval
 
 
-def build(recipe: Recipe, data: DataInfo) -> MethodModel:
-    method: QCFSMethod = recipe.method
-    ann = drop_output_activation(create_backbone(recipe, data, act_layer=nn.ReLU), data.input_shape)
+def build(model: ModelConfig, method: QCFSMethod, data: DataInfo) -> MethodModel:
+    ann = drop_output_activation(create_backbone(model, data, act_layer=nn.ReLU), data.input_shape)
     replace_activations(ann, lambda _: QCFS(method.L, method.lambda_init))
     return MethodModel(model=ann, spiking=False, extra_eval=snn_evaluator(ann, method))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from harness.methods.base import DataInfo, MethodModel, create_backbone, drop_output_activation
-from harness.recipe import Recipe, SGMethod
+from harness.recipe import ModelConfig, SGMethod
 from harness.snn import SGIF, SGLIF, spikify
 
 
@@ -55,9 +55,8 @@ def init_tdbn(model: nn.Module, alpha_bn: float, vth: float) -> None:
             m.weight.fill_(alpha_bn * vth)
 
 
-def build(recipe: Recipe, data: DataInfo) -> MethodModel:
-    method: SGMethod = recipe.method
-    ann = create_backbone(recipe, data, act_layer=nn.ReLU)
+def build(model: ModelConfig, method: SGMethod, data: DataInfo) -> MethodModel:
+    ann = create_backbone(model, data, act_layer=nn.ReLU)
     if method.readout == "analog":
         drop_output_activation(ann, data.input_shape)
     snn = spikify(ann, neuron_factory(method), method.T, encoding=data.encoding)

@@ -29,10 +29,10 @@ from timm.layers import get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from harness.data.cifar import CIFAR10_MEAN, CIFAR10_STD  # the loaders' normalisation, one source
+
 __all__ = ["PreActBasicBlock", "PreActResNet"]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
 

@@ -11,7 +11,8 @@ Backward (no backpropagation through time, no surrogate): with upstream gradient
                                      dL/dV   = k_V * dt * sum(G * 1[xhat > V*tau/dt])
   with xbar = mean_t x_t, xhat = sum_t w_t x_t / W, w_t = exp(-(T-t)*dt/tau), W = sum_t w_t, and
   k_V = `vth_grad_scale`. The backward keeps only xbar / xhat (`[B, ...]`, O(1) in T) and V.
-Before every forward the threshold is clamped in place: V <- max(V, vth_bound).
+Before every forward the threshold is clamped in place: V <- max(V, vth_bound); the training engines
+also clamp it after every optimizer step in the copy the optimizer updates (`parameter_bounds`).
 
 The membrane potential is integrated in at least float32 whatever the input dtype (bf16 over T=50 steps
 would lose the small inputs); spikes are returned in the input dtype.
@@ -123,6 +124,9 @@ class _DSRNeuron(SpikingNeuron):
         self.vth_bound = float(vth_bound)
         self.vth_grad_scale = float(vth_grad_scale)
         self.vth = nn.Parameter(torch.tensor(float(vth)), requires_grad=bool(train_vth))
+
+    def parameter_bounds(self) -> list[tuple[nn.Parameter, float]]:
+        return [(self.vth, self.vth_bound)]
 
     def clamp_threshold(self) -> None:
         """V <- max(V, vth_bound), in place (DSR.md section 3)."""

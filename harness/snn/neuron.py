@@ -3,6 +3,8 @@
 A neuron is an `nn.Module` on time-merged, time-major input `[T*B, ...]` (DESIGN.md "Conventions") that
 returns spikes of the same shape and knows how to decode its own output into a `[B, ...]`
 representation (`decode`). Statistics (firing rates) and `spikify` find neurons by this class.
+A neuron whose parameters must stay in a range (DSR's threshold, V >= V_bound) lists them in
+`parameter_bounds`; every engine clamps them after each optimizer step (harness/engine/engines/base.py).
 """
 
 from torch import Tensor, nn
@@ -25,3 +27,12 @@ class SpikingNeuron(nn.Module):
     def decode(self, y: Tensor) -> Tensor:
         """Representation of this neuron's output `[T*B, ...]` as `[B, ...]` (default: the rate)."""
         return rate(y, self.T)
+
+    def parameter_bounds(self) -> list[tuple[nn.Parameter, float]]:
+        """`(parameter, lower bound)` pairs the training engine must enforce after each optimizer step."""
+        return []
+
+
+def parameter_bounds(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
+    """Every bounded parameter of `model`'s spiking neurons with its lower bound."""
+    return [pair for m in model.modules() if isinstance(m, SpikingNeuron) for pair in m.parameter_bounds()]

@@ -24,7 +24,9 @@ Energy per sample, the estimate used in the SNN literature (45 nm, Horowitz 2014
 Not counted: bias additions, BatchNorm (foldable into the weights at inference), pooling, the neurons'
 membrane updates. Average pooling between a neuron and a synaptic layer makes that layer's inputs
 non-binary; they still count as spike-driven, one AC per non-zero input and synapse.
-Run in a process of a distributed job, the counts are that process's shard.
+Counts accumulate as tensors on the model's device (no host synchronisation per batch); in a distributed
+job `reduce(reduce_sum)` sums them over the processes, after which every statistic is that of the whole
+validation set, the same whatever the number of processes.
 """
 
 from collections import OrderedDict
@@ -85,43 +87,77 @@ class FiringRateMonitor:
         self.model = model
         self.layers = spiking_layers(model)
         self.synapses = synaptic_layers(model)
-        self.spikes = {name: 0 for name in self.layers}
-        self.slots = {name: 0 for name in self.layers}
-        self.accumulates = {name: 0 for name in self.synapses}  # spike-driven ACs
-        self.multiply_accumulates = {name: 0 for name in self.synapses}  # MACs of analog-fed calls
-        self.dense = {name: 0 for name in self.synapses}  # dense MACs of every call
-        self.rows = {name: 0 for name in self.synapses}  # rows of the merged batch of every call
-        self.samples = 0
+        # per neuron: spikes, (unit, step) slots; per synaptic layer: spike-driven ACs, MACs of analog-fed
+        # calls, dense MACs of every call, rows of the merged batch of every call; then the sample count
+        self.counts = torch.zeros(2 * len(self.layers) + 4 * len(self.synapses) + 1, dtype=torch.float64)
+        self._slot = {name: i for i, name in enumerate([*self.layers, *self.synapses])}
         self._neuron_ran = False  # has a neuron run in the current forward of `model`?
         self._fanouts: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self._handles: list = []
 
+    def _view(self, start: int, rows: int, cols: int) -> torch.Tensor:
+        return self.counts[start:start + rows * cols].view(rows, cols)
+
+    @property
+    def _neuron_counts(self) -> torch.Tensor:  # [layers, (spikes, slots)]
+        return self._view(0, len(self.layers), 2)
+
+    @property
+    def _synapse_counts(self) -> torch.Tensor:  # [synapses, (ACs, MACs, dense MACs, rows)]
+        return self._view(2 * len(self.layers), len(self.synapses), 4)
+
     def _start_forward(self, _module, inputs) -> None:
-        self.samples += inputs[0].shape[0]
+        x = inputs[0]
+        if self.counts.device != x.device:
+            self.counts = self.counts.to(x.device)
+        self.counts[-1] += x.shape[0]
         self._neuron_ran = False
 
     def _hook(self, name: str):
+        row = self._slot[name]
+
         def count(_module, _inputs, output: torch.Tensor) -> None:
-            self.spikes[name] += int(torch.count_nonzero(output))
-            self.slots[name] += output.numel()
+            self._neuron_counts[row, 0] += torch.count_nonzero(output)
+            self._neuron_counts[row, 1] += output.numel()
             self._neuron_ran = True
         return count
 
     def _synapse_hook(self, name: str):
+        row = self._slot[name] - len(self.layers)
+
         def count(layer, inputs, output: torch.Tensor) -> None:
             x = inputs[0]
+            counts = self._synapse_counts[row]
             macs = dense_macs(layer, output)
-            self.dense[name] += macs
-            self.rows[name] += x.shape[0]
+            counts[2] += macs
+            counts[3] += x.shape[0]
             if not self._neuron_ran:
-                self.multiply_accumulates[name] += macs
+                counts[1] += macs
                 return
             key = (name, tuple(x.shape[1:]))
             if key not in self._fanouts:
                 self._fanouts[key] = fanout(layer, key[1], x.device)
             active = (x != 0).sum(dim=0, dtype=torch.float64)
-            self.accumulates[name] += int(round(float((active * self._fanouts[key]).sum())))
+            counts[0] += (active * self._fanouts[key]).sum()
         return count
+
+    @property
+    def samples(self) -> int:
+        return round(self.counts[-1].item())
+
+    @property
+    def accumulates(self) -> dict[str, int]:
+        """Spike-driven ACs per synaptic layer."""
+        return dict(zip(self.synapses, (round(v) for v in self._synapse_counts[:, 0].tolist()), strict=True))
+
+    @property
+    def multiply_accumulates(self) -> dict[str, int]:
+        """MACs of analog-fed calls per synaptic layer."""
+        return dict(zip(self.synapses, (round(v) for v in self._synapse_counts[:, 1].tolist()), strict=True))
+
+    def reduce(self, reduce_sum) -> None:
+        """Replace the counts by `reduce_sum(counts)` (their sum over the processes of a job)."""
+        self.counts = reduce_sum(self.counts)
 
     def __enter__(self) -> "FiringRateMonitor":
         self._handles = [self.model.register_forward_pre_hook(self._start_forward)]
@@ -135,19 +171,23 @@ class FiringRateMonitor:
         self._handles = []
 
     def rates(self) -> dict[str, float]:
-        return {name: self.spikes[name] / self.slots[name] for name in self.layers if self.slots[name]}
+        spikes, slots = self._neuron_counts.cpu().unbind(1)
+        return {name: spikes[i].item() / slots[i].item() for i, name in enumerate(self.layers) if slots[i]}
 
     def mean_rate(self) -> float:
-        total = sum(self.slots.values())
-        return sum(self.spikes.values()) / total if total else 0.0
+        spikes, slots = self._neuron_counts.cpu().sum(0).tolist()
+        return spikes / slots if slots else 0.0
 
     def efficiency(self, mac_pj: float = MAC_PJ, ac_pj: float = AC_PJ) -> dict[str, float]:
         """Per-sample synaptic operations and energy (uJ) of the watched batches; {} if none ran."""
-        if not self.samples:
+        samples = self.samples
+        if not samples:
             return {}
-        sops = sum(self.accumulates.values()) / self.samples
-        macs = sum(self.multiply_accumulates.values()) / self.samples
-        ann_macs = sum(self.dense[name] / self.rows[name] for name in self.synapses if self.rows[name])
+        synapses = self._synapse_counts.cpu()
+        sops = round(synapses[:, 0].sum().item()) / samples
+        macs = synapses[:, 1].sum().item() / samples
+        called = synapses[:, 3] > 0
+        ann_macs = (synapses[called, 2] / synapses[called, 3]).sum().item()
         return {
             "efficiency/sops_per_sample": sops,
             "efficiency/macs_per_sample": macs,

@@ -1,0 +1,30 @@
+"""Engines (`engine.kind`), one interface (`base.Engine`): local (one process), DDP, DeepSpeed.
+
+`build_engine(cfg, batch_size, grad_clip, process, device)` checks that the kind fits the job (a `single`
+engine in a multi-process job is refused) and that the global batch splits exactly over the processes and
+micro-batches, then returns the engine. DeepSpeed is imported only by its engine.
+"""
+
+import torch
+
+from harness.data.pipeline import per_process_batch
+from harness.engine.distributed import ProcessInfo
+from harness.engine.engines.base import Engine, NonFiniteLoss
+from harness.engine.engines.ddp import DDPEngine
+from harness.engine.engines.deepspeed import DeepSpeedEngine
+from harness.engine.engines.local import LocalEngine
+from harness.recipe import EngineConfig, RecipeError
+
+
+def build_engine(cfg: EngineConfig, batch_size: int, grad_clip: float | None, process: ProcessInfo,
+                 device: torch.device) -> Engine:
+    if cfg.kind == "single" and process.distributed:
+        raise RecipeError(f"engine.kind: single, but this is process {process.rank} of {process.world_size} "
+                          f"({process.launcher}); use ddp or deepspeed")
+    per_process_batch(batch_size, process.world_size, cfg.grad_accum)
+    if cfg.kind == "deepspeed":
+        return DeepSpeedEngine(cfg, grad_clip, process, device, batch_size)
+    return (DDPEngine if cfg.kind == "ddp" else LocalEngine)(cfg, grad_clip, process, device)
+
+
+__all__ = ["DDPEngine", "DeepSpeedEngine", "Engine", "LocalEngine", "NonFiniteLoss", "build_engine"]

@@ -1,0 +1,73 @@
+"""`engine.kind: single`: one process, the plain module, torch autocast and (fp16) a gradient scaler.
+
+A step: zero the gradients; for each of `engine.grad_accum` micro-batches, forward under autocast, check the
+loss (`Engine.check_finite`), backward of loss / grad_accum (scaled under fp16); unscale and clip the global
+gradient norm to `optim.grad_clip`; optimizer step; schedule step; parameter bounds. `DDPEngine` reuses the
+step and only wraps the module and keeps gradients local on all micro-batches but the last.
+"""
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.engine.engines.base import Engine, SchedulerFactory
+from harness.recipe import RecipeError
+
+
+class LocalEngine(Engine):
+    kind = "single"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.scales_loss)
+        self.train_module: nn.Module | None = None
+
+    def setup(self, step_module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+              make_scheduler: SchedulerFactory) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, make_scheduler(optimizer)
+        self.collect_bounds(model)
+        self.train_module = self.wrap(step_module)
+
+    def wrap(self, step_module: nn.Module) -> nn.Module:
+        return step_module
+
+    def keep_gradients_local(self, last_micro_batch: bool):
+        """Context of a micro-batch's forward and backward (DDP: no all-reduce before the last)."""
+        return nullcontext()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.micro_batches(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, outputs = [], []
+        for i, (x_part, y_part) in enumerate(parts):
+            with self.keep_gradients_local(i == len(parts) - 1):
+                with self.precision.autocast():
+                    loss, logits = self.train_module(x_part, y_part)
+                self.check_finite(loss, step)
+                self.scaler.scale(loss / len(parts)).backward()
+            losses.append(loss.detach().float())
+            outputs.append(logits.detach().float())
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.apply_bounds()
+        return torch.stack(losses).mean(), torch.cat(outputs)
+
+    def checkpoint_state(self, run_dir: Path, tag: str) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_checkpoint_state(self, state: dict[str, Any], run_dir: Path) -> None:
+        if state.get("deepspeed") is not None:
+            raise RecipeError(f"engine.kind: {self.kind} cannot resume a checkpoint written with DeepSpeed (its "
+                              "optimizer state is in DeepSpeed's format); resume it with engine.kind deepspeed")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,183 @@
+"""The training loop: one epoch of steps, an evaluation, a checkpoint; repeat (nanoGPT-sized).
+
+`Trainer(recipe, run_dir, resume, process)` composes a run from its recipe sections: the engine
+(`engines.build_engine`: local, DDP or DeepSpeed), the data pipeline (`harness.data`), the method's model
+and loss built from `model`, `method` and what the data says (`harness.methods`), the optimizer and the
+per-iteration schedule (`build.py`, `schedule.py`) and the checkpointer (`checkpoint.py`). It never
+branches on the engine: the engine runs each step, sums over processes and owns its checkpoint part.
+Its own state is three counters (epoch, step, best top-1).
+
+`fit(tracker)` (a new run: the method's `prepare` hook first, e.g. threshold calibration; a resumed one:
+the checkpoint's states) trains the remaining epochs; after each: evaluation on the validation set (top-1,
+top-5 where classes > 5, firing rate of every spiking layer, every threshold, synaptic operations and
+energy, all summed over processes), the method's `extra_eval`, metrics to the tracker, `last.pt` (and
+`best.pt` on a new best). Every epoch's batches are a pure function of (seed, epoch, rank), and in a
+distributed run each rank reseeds its global RNG (dropout) at each epoch from (seed, epoch, rank).
+Rank 0 alone logs and writes; every rank loads the checkpoint on resume.
+"""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness import data as datasets
+from harness import methods
+from harness.engine import checkpoint, distributed
+from harness.engine.build import build_optimizer, pick_device, seed_everything
+from harness.engine.context import RunContext
+from harness.engine.engines import build_engine
+from harness.engine.evaluation import evaluate_outputs, topk_correct
+from harness.engine.progress import epoch_bar, epoch_line, progress_bar
+from harness.engine.schedule import build_scheduler
+from harness.recipe import Recipe, RecipeError
+from harness.snn.stats import FiringRateMonitor, spiking_layers
+
+
+class MethodStep(nn.Module):
+    """The method's training forward, `(x, y) -> (loss, logits)`, as the module an engine wraps (DDP must
+    see the whole forward, whatever `forward_loss` a method defines)."""
+
+    def __init__(self, method: methods.MethodModel):
+        super().__init__()
+        self.net = method.model
+        self.method = method
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.method.forward_loss(x, y)
+
+
+class Trainer:
+    """Builds a run's components from its recipe sections and trains it.
+
+    Args:
+        recipe: the resolved recipe.
+        run_dir: folder for `last.pt`, `best.pt`.
+        resume: a loaded checkpoint to continue from, or None.
+        process: rank and world size of this process.
+    """
+
+    def __init__(self, recipe: Recipe, run_dir: Path, resume: dict | None = None,
+                 process: distributed.ProcessInfo | None = None):
+        self.recipe, self.process = recipe, process or distributed.ProcessInfo()
+        if recipe.engine.threads:
+            torch.set_num_threads(recipe.engine.threads)
+        seed_everything(recipe.seed)
+        device = pick_device(recipe.engine, self.process)
+        self.engine = build_engine(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, self.process, device)
+        try:
+            self.data = datasets.build_pipeline(recipe.data, recipe.seed, self.process.rank, self.process.world_size)
+        except datasets.DataError as e:  # name the recipe section too
+            raise datasets.DataError(f"data: {e.message}", file=e.file) from None
+        num_classes = recipe.model.num_classes or self.data.num_classes
+        self.method = methods.build(recipe.model, recipe.method, methods.DataInfo(num_classes, self.data.input_shape))
+        self.model = self.method.model = self.engine.place(self.method.model)
+        self.optimizer = build_optimizer(recipe.optim, self.model)
+        self.iters_per_epoch = len(self.data.train)
+        if self.iters_per_epoch == 0:
+            raise RecipeError(f"data.batch_size: {recipe.data.batch_size} is larger than the training set "
+                              f"({self.data.train_size} samples) and batches drop the remainder")
+        self.context = RunContext(device, self.process, self.engine.precision, self.data.train, self.data.val,
+                                  num_classes)
+        self.checkpointer = checkpoint.Checkpointer(run_dir, self.process)
+        self.run_dir = Path(run_dir)
+        self.resume_state = resume
+        self.epoch, self.step, self.best_acc1 = 0, 0, -1.0
+        if resume is not None:
+            self.epoch, self.step, self.best_acc1 = resume["epoch"], resume["step"], resume["best_acc1"]
+            checkpoint.set_rng_state(resume["rng"])
+        self.mlflow_run_id: str | None = resume.get("mlflow_run_id") if resume else None
+        self.started = False
+
+    def start(self) -> None:
+        """Before the first step: the method's `prepare` (a new run), the engine set up around the model, and
+        the checkpoint's states (a resumed run)."""
+        if self.started:
+            return
+        if self.resume_state is None and self.method.prepare is not None:
+            self.method.prepare(self.context)
+        optim = self.recipe.optim
+        self.engine.setup(MethodStep(self.method), self.model, self.optimizer,
+                          lambda opt: build_scheduler(opt, self.iters_per_epoch, optim.epochs, optim.warmup_iters,
+                                                      optim.schedule))
+        if self.resume_state is not None:
+            self.engine.load_checkpoint_state(self.resume_state, self.run_dir)
+            self.resume_state = None
+        self.started = True
+
+    def train_epoch(self, progress) -> dict[str, float]:
+        self.model.train()
+        datasets.set_epoch(self.data.train, self.epoch)
+        if self.process.distributed:
+            seed_everything(distributed.process_seed(self.recipe.seed, self.epoch, self.process.rank))
+        device = self.context.device
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1, samples (this process)
+        start = time.perf_counter()
+        with epoch_bar(progress, f"epoch {self.epoch + 1}/{self.recipe.optim.epochs}", self.iters_per_epoch,
+                       self.process.world_size) as bar:
+            for x, y in self.data.train:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss, logits = self.engine.train_step(x, y, self.step)
+                self.step += 1
+                n = y.shape[0]
+                totals += torch.stack([loss.double() * n, topk_correct(logits, y, 1).double(),
+                                       torch.tensor(n, dtype=torch.float64, device=device)])
+                bar.advance(loss, n)
+        elapsed = time.perf_counter() - start
+        self.engine.end_epoch()
+        loss_sum, correct, seen = self.engine.reduce_sum(totals).tolist()
+        return {"train/loss": loss_sum / seen, "train/acc1": 100.0 * correct / seen,
+                "train/img_per_s": seen / elapsed, "time/train_epoch_s": elapsed,
+                "lr": self.engine.optimizer.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        with FiringRateMonitor(self.model) as monitor:
+            scores = evaluate_outputs(lambda x: {"model": self.model(x)}, self.context)["model"]
+        monitor.reduce(self.context.reduce_sum)
+        metrics = {f"test/{name}": value for name, value in scores.items()}
+        if self.method.extra_eval is not None:
+            metrics.update(self.method.extra_eval(self.context))
+        if self.method.spiking:
+            metrics["firing_rate/mean"] = monitor.mean_rate()
+            metrics.update({f"firing_rate/{name}": r for name, r in monitor.rates().items()})
+            metrics.update({f"vth/{name}": float(m.vth) for name, m in spiking_layers(self.model).items()
+                            if hasattr(m, "vth")})
+        metrics.update(monitor.efficiency(self.recipe.efficiency.mac_pj, self.recipe.efficiency.ac_pj))
+        return metrics
+
+    def counters(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "best_acc1": self.best_acc1}
+
+    def fit(self, tracker, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> list[dict]:
+        """Train from `self.epoch` to `optim.epochs`, logging to `tracker`; return each epoch's metrics.
+
+        `on_epoch_end(epoch, metrics)` runs after each epoch's checkpoint (e.g. to report to Ray Tune)."""
+        self.mlflow_run_id = tracker.run_id
+        self.start()
+        epochs, history = self.recipe.optim.epochs, []
+        with progress_bar(self.process.is_main) as progress:
+            while self.epoch < epochs:
+                metrics = self.train_epoch(progress)
+                metrics.update(self.evaluate())
+                self.epoch += 1
+                is_best = metrics["test/acc1"] > self.best_acc1
+                self.best_acc1 = max(self.best_acc1, metrics["test/acc1"])
+                metrics["test/best_acc1"] = self.best_acc1
+                tracker.log_metrics(metrics, step=self.epoch)
+                self.checkpointer.save(self.engine, self.counters(), self.recipe.model_dump(mode="json"),
+                                       self.mlflow_run_id, is_best)
+                history.append(metrics)
+                if self.process.is_main:
+                    progress.console.print(epoch_line(self.epoch, epochs, metrics), soft_wrap=True)
+                if on_epoch_end is not None:
+                    on_epoch_end(self.epoch, metrics)
+        return history
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        """The trained model's full state dict (a collective under DeepSpeed ZeRO-3)."""
+        return self.engine.model_state()
