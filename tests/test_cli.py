@@ -49,6 +49,11 @@ CASES = {
                           "data: cifar10 root {t}/nowhere: does not exist; expected the python-pickle layout"),
     "unknown backbone": (lambda t: recipe_text(t, backbone="resnet_9000"), (),
                          "model.backbone: unknown backbone 'resnet_9000'"),
+    "ann on event frames": (lambda t: recipe_text(t), ("-o", "method={name: ann}", "-o", "data.frames=2"),
+                            "method.name: ann takes single images, but data.frames (2) makes every sample a "
+                            "sequence of frames; use dsr or sg"),
+    "qcfs on event frames": (lambda t: recipe_text(t), ("-o", "method={name: qcfs, T: 2}", "-o", "data.frames=2"),
+                             "method.name: qcfs takes single images"),
 }
 
 

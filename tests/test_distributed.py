@@ -9,32 +9,39 @@ world size (or by its inverse) would move every threshold by 2x (or 0.5x) its tr
 large as the movement itself; the test asserts each threshold moved more than 10 * ATOL, so it cannot pass.
 """
 
+import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from harness.data import DataError
 from harness.data.loaders import SeededDataLoader
+from harness.data.pipeline import per_process_batch
 from harness.engine import checkpoint, distributed
 from harness.engine.engines.deepspeed import deepspeed_config
 from harness.engine.launch import launch
 from harness.engine.loop import Trainer
 from harness.recipe import RecipeError, load_recipe
+from harness.snn import parameter_bounds
 from harness.track import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ATOL = 1e-4
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+requires_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                        reason="the deepspeed extra is not installed (EXTRAS=dev)")
 
 
 def write_recipe(tmp_path: Path, name: str, method: dict, **sections) -> Path:
@@ -60,6 +67,12 @@ def run_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def run_worker(mode: str, out: Path, paths: list[Path], timeout: int = 240) -> subprocess.CompletedProcess:
+    """tests/distributed_worker.py in `mode` under torchrun with 2 processes."""
+    return subprocess.run([*TORCHRUN, str(REPO / "tests" / "distributed_worker.py"), mode, str(out),
+                           *map(str, paths)], env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def one_process_reference(path: Path) -> tuple[dict, dict]:
     """(initial, final) model state of one process over the same global batches as the 2-process run: a
     DistributedSampler of one replica draws the permutation whose consecutive 64-sample slices are exactly
@@ -78,8 +91,7 @@ def one_process_reference(path: Path) -> tuple[dict, dict]:
 def test_ddp_two_processes_match_one_process_thresholds_included(tmp_path):
     paths = [write_recipe(tmp_path, "eq_ann", {"name": "ann"}),
              write_recipe(tmp_path, "eq_dsr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}})]
-    done = subprocess.run([*TORCHRUN, str(REPO / "tests" / "distributed_worker.py"), str(tmp_path),
-                           *map(str, paths)], env=run_env(), capture_output=True, text=True, timeout=240)
+    done = run_worker("train", tmp_path, paths)
     assert done.returncode == 0, done.stderr[-3000:]
     for path in paths:
         name = path.stem
@@ -206,3 +218,97 @@ def test_nproc_refuses_a_single_engine(tmp_path):
                           env=run_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "engine.kind: single runs one process; use -o engine.kind=ddp" in done.stderr
+
+
+# ------------------------------------------------------------------ a recipe means the same on every engine
+@pytest.mark.parametrize("batch,world,expected", [
+    (128, 3, "data.batch_size: 128 does not split evenly over 3 processes; use a multiple of 3"),
+    (2, 4, "data.batch_size: 2 does not split evenly over 4 processes; use a multiple of 4")])
+def test_a_global_batch_that_does_not_split_is_refused_before_joining_the_job(tmp_path, batch, world, expected):
+    path = write_recipe(tmp_path, "split", {"name": "ann"}, data={"batch_size": batch})
+    env = {**run_env(), "RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "9"}  # nobody listens there: joining would hang until the timeout
+    done = subprocess.run([PYTHON, "-m", "harness.cli", "launch", str(path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [f"error: {path}: {expected} (the global batch is trained exactly, "
+                                                 "never rounded)"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_global_batch_is_split_exactly_over_processes_and_micro_batches(tmp_path):
+    assert per_process_batch(128, 4) == 32 and per_process_batch(96, 4, grad_accum=3) == 8
+    with pytest.raises(DataError, match="data.batch_size: 96 does not split evenly over 5 processes"):
+        per_process_batch(96, 5)
+
+
+@pytest.mark.slow
+def test_firing_rates_and_efficiency_are_those_of_the_whole_validation_set(tmp_path):
+    """2 processes evaluate the same model on the two halves of the validation set; the reduced statistics equal
+    one process's on the whole set. The counts are integers summed exactly; the only float difference is the
+    order of additions in the ratios, hence rel 1e-12. Rank 0's half alone differs by far more (checked)."""
+    path = write_recipe(tmp_path, "rates", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 0.5}})
+    done = run_worker("evaluate", tmp_path, [path])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rates.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    trainer = Trainer(load_recipe(path, ["engine.kind=single"]), tmp_path / "one")
+    whole = trainer.evaluate()
+    val = trainer.data.val.dataset
+    half = DataLoader(Subset(val, range(0, len(val), 2)), batch_size=32)  # rank 0's shard
+    trainer.context = replace(trainer.context, val_loader=half)
+    rank0_only = trainer.evaluate()
+    keys = [k for k in whole if k.startswith(("firing_rate/", "efficiency/"))]
+    assert len(keys) > 6 and set(keys) <= set(ranks[0])
+    for key in keys:
+        assert ranks[0][key] == pytest.approx(whole[key], rel=1e-12), key
+    assert any(rank0_only[k] != pytest.approx(whole[k], rel=1e-6) for k in keys if k.startswith("firing_rate/"))
+    assert rank0_only["efficiency/sops_per_sample"] != pytest.approx(whole["efficiency/sops_per_sample"], rel=1e-6)
+
+
+def _decaying_thresholds(tmp_path: Path, name: str, **engine) -> Path:
+    """A DSR recipe whose thresholds only decay (k_V = 0, weight decay 5 at lr 0.05: V shrinks by 25% a step),
+    so the optimizer drives every V below its bound of 0.9 at the first step."""
+    return write_recipe(tmp_path, name, {"name": "dsr", "neuron": "if", "T": 2,
+                                         "vth": {"init": 1.0, "bound": 0.9, "grad_scale": 0.0}},
+                        optim={"lr": 0.05, "weight_decay": 5.0}, engine={"sync_bn": False, **engine})
+
+
+def test_threshold_bound_holds_after_every_step_of_a_local_run(tmp_path):
+    path = _decaying_thresholds(tmp_path, "bound_local", kind="single")
+    trainer = Trainer(load_recipe(path), tmp_path / "run")
+    trainer.start()
+    x, y = next(iter(trainer.data.train))
+    bounded = parameter_bounds(trainer.model)
+    assert len(bounded) == 3
+    for step in range(3):
+        trainer.engine.train_step(x, y, step)
+        assert [p.item() for p, _ in bounded] == [torch.tensor(bound).item() for _, bound in bounded]  # not below
+
+
+@pytest.mark.slow
+@requires_deepspeed
+def test_threshold_bound_holds_in_the_deepspeed_master_copy(tmp_path):
+    """Under ZeRO the optimizer steps fp32 master weights; the bound must hold there, not only in the working
+    copy the neuron's forward clamps. Every master V sits exactly at its bound (float32 of 0.9)."""
+    paths = [_decaying_thresholds(tmp_path, f"bound_zero{stage}", kind="deepspeed", deepspeed={"stage": stage})
+             for stage in (2, 3)]
+    done = run_worker("bounds", tmp_path, paths, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for path in paths:
+        bounds = json.loads((tmp_path / f"{path.stem}.bounds.json").read_text())
+        assert len(bounds) == 3, path.stem
+        for entry in bounds:
+            assert entry["master"] == pytest.approx(torch.tensor(entry["bound"]).item(), abs=0), (path.stem, entry)
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    path = write_recipe(tmp_path, "nan", {"name": "ann"}, engine={"timeout_s": 300})
+    started = time.monotonic()
+    done = run_worker("nonfinite", tmp_path, [path])
+    assert done.returncode != 0 and time.monotonic() - started < 120, done.stderr[-3000:]
+    for rank in (0, 1):
+        seconds, message = (tmp_path / f"nonfinite.rank{rank}.txt").read_text().split("\n", 1)
+        assert float(seconds) < 10, f"rank {rank} stopped {seconds} s after the NaN"
+        assert message.startswith("the loss is not finite at step 3 on rank 1 (NaN or infinity)"), message

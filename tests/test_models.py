@@ -69,6 +69,14 @@ def test_default_cfgs():
     assert timm.create_model("snn_convnet").default_cfg["input_size"] == (1, 28, 28)
 
 
+def test_cifar_normalisation_is_the_loaders():
+    from harness.data.cifar import CIFAR10_MEAN, CIFAR10_STD
+
+    cfg = timm.create_model("preact_resnet18_cifar").pretrained_cfg
+    assert (tuple(cfg["mean"]), tuple(cfg["std"])) == (CIFAR10_MEAN, CIFAR10_STD) == (
+        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the reference code's values (harness/data/cifar.py)
+
+
 def conv_params(in_chs: int, out_chs: int, kernel: int, bias: bool) -> int:
     return in_chs * out_chs * kernel * kernel + (out_chs if bias else 0)
 

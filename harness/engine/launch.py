@@ -27,6 +27,7 @@ from typing import Any
 from harness.engine import checkpoint, distributed
 from harness.engine.build import pick_device
 from harness.engine.distributed import ProcessInfo
+from harness.engine.engines import check_job
 from harness.engine.loop import Trainer
 from harness.errors import HarnessError
 from harness.recipe import Recipe, RecipeError, recipe_to_yaml
@@ -154,6 +155,7 @@ def launch(recipe: Recipe, resume: str | None = None, process: ProcessInfo | Non
     `process` defaults to what the environment says (`distributed.detect_process`).
     `on_epoch_end(epoch, metrics)` is handed to `Trainer.fit`; `parent_run_id` nests the MLflow run."""
     process = process or distributed.detect_process()
+    check_job(recipe.engine, recipe.data.batch_size, process)  # before waiting for the other processes
     with process_group(recipe, process):
         return _train(recipe, resume, process, echo, on_epoch_end, parent_run_id)
 

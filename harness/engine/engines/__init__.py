@@ -1,8 +1,10 @@
 """Engines (`engine.kind`), one interface (`base.Engine`): local (one process), DDP, DeepSpeed.
 
-`build_engine(cfg, batch_size, grad_clip, process, device)` checks that the kind fits the job (a `single`
-engine in a multi-process job is refused) and that the global batch splits exactly over the processes and
-micro-batches, then returns the engine. DeepSpeed is imported only by its engine.
+`check_job(cfg, batch_size, process)` refuses a job the engine cannot run as the recipe means it (a
+`single` engine in a multi-process job; a global batch that does not split exactly over the processes and
+micro-batches); `harness launch` calls it before joining the process group, `build_engine` again.
+`build_engine(cfg, batch_size, grad_clip, process, device)` returns the engine. DeepSpeed is imported only
+by its engine.
 """
 
 import torch
@@ -16,15 +18,19 @@ from harness.engine.engines.local import LocalEngine
 from harness.recipe import EngineConfig, RecipeError
 
 
-def build_engine(cfg: EngineConfig, batch_size: int, grad_clip: float | None, process: ProcessInfo,
-                 device: torch.device) -> Engine:
+def check_job(cfg: EngineConfig, batch_size: int, process: ProcessInfo) -> None:
     if cfg.kind == "single" and process.distributed:
         raise RecipeError(f"engine.kind: single, but this is process {process.rank} of {process.world_size} "
                           f"({process.launcher}); use ddp or deepspeed")
     per_process_batch(batch_size, process.world_size, cfg.grad_accum)
+
+
+def build_engine(cfg: EngineConfig, batch_size: int, grad_clip: float | None, process: ProcessInfo,
+                 device: torch.device) -> Engine:
+    check_job(cfg, batch_size, process)
     if cfg.kind == "deepspeed":
         return DeepSpeedEngine(cfg, grad_clip, process, device, batch_size)
     return (DDPEngine if cfg.kind == "ddp" else LocalEngine)(cfg, grad_clip, process, device)
 
 
-__all__ = ["DDPEngine", "DeepSpeedEngine", "Engine", "LocalEngine", "NonFiniteLoss", "build_engine"]
+__all__ = ["DDPEngine", "DeepSpeedEngine", "Engine", "LocalEngine", "NonFiniteLoss", "build_engine", "check_job"]
