@@ -290,9 +290,10 @@ def test_threshold_bound_holds_after_every_step_of_a_local_run(tmp_path):
 @requires_deepspeed
 def test_threshold_bound_holds_in_the_deepspeed_master_copy(tmp_path):
     """Under ZeRO the optimizer steps fp32 master weights; the bound must hold there, not only in the working
-    copy the neuron's forward clamps. Every master V sits exactly at its bound (float32 of 0.9)."""
+    copy the neuron's forward clamps. Every master V sits exactly at its bound (float32 of 0.9). (ZeRO-3 refuses
+    0-dim parameters: `test_zero3_refuses_scalar_parameters_before_anything_is_written`.)"""
     paths = [_decaying_thresholds(tmp_path, f"bound_zero{stage}", kind="deepspeed", deepspeed={"stage": stage})
-             for stage in (2, 3)]
+             for stage in (1, 2)]
     done = run_worker("bounds", tmp_path, paths, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     for path in paths:
@@ -300,6 +301,15 @@ def test_threshold_bound_holds_in_the_deepspeed_master_copy(tmp_path):
         assert len(bounds) == 3, path.stem
         for entry in bounds:
             assert entry["master"] == pytest.approx(torch.tensor(entry["bound"]).item(), abs=0), (path.stem, entry)
+
+
+def test_zero3_refuses_scalar_parameters_before_anything_is_written(tmp_path, monkeypatch):
+    path = _decaying_thresholds(tmp_path, "zero3", kind="deepspeed", deepspeed={"stage": 3})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=r"engine.deepspeed.stage: 3 partitions every parameter, and DeepSpeed "
+                                          r"cannot partition 0-dim ones such as body.features.act1.vth"):
+        launch(load_recipe(path), echo=lambda *_: None)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

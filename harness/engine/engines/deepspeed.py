@@ -18,7 +18,8 @@ Parameter bounds: after each optimizer step every bounded parameter (a DSR thres
 DeepSpeed's fp32 master copy (`deepspeed.utils.safe_get/set_full_fp32_param`, ZeRO 1-3 and the bf16
 optimizer) and in the working copy (under ZeRO-3 this process's partition of it); the next step starts from
 the clamped master. fp16 at ZeRO stage 0 keeps its master copy out of reach of that API and is refused for
-models with bounded parameters.
+models with bounded parameters. ZeRO-3 cannot partition 0-dim parameters (DSR thresholds, QCFS clips:
+DeepSpeed views each parameter as bytes) and is refused for models that have them.
 
 Checkpoints: every rank writes its part with `save_checkpoint(<run>/deepspeed, tag="epoch<e>")` (ZeRO
 partitions the optimizer state over ranks), then rank 0 writes `last.pt`, which names the tag, and only
@@ -133,9 +134,14 @@ class DeepSpeedEngine(Engine):
         self.ds = None  # the DeepSpeed engine
 
     def place(self, model: nn.Module) -> nn.Module:
-        if parameter_bounds(model) and self.cfg.precision == "fp16" and self.cfg.deepspeed.stage == 0:
+        stage = self.cfg.deepspeed.stage
+        if parameter_bounds(model) and self.cfg.precision == "fp16" and stage == 0:
             raise RecipeError("engine.deepspeed.stage: 0 with engine.precision fp16 keeps fp32 master weights the "
                               "threshold bound cannot reach; use stage 1-3 or bf16")
+        scalar = next((name for name, p in model.named_parameters() if p.dim() == 0), None)
+        if stage == 3 and scalar is not None:
+            raise RecipeError(f"engine.deepspeed.stage: 3 partitions every parameter, and DeepSpeed cannot partition "
+                              f"0-dim ones such as {scalar} (a threshold or clip); use stage 1 or 2")
         return model.to(self.device)
 
     def setup(self, step_module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
