@@ -6,7 +6,7 @@ VENV ?= .venv
 EXTRAS ?= dev,ffcv,deepspeed,dvs
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install system-deps quickstart test lint
+.PHONY: install system-deps quickstart test test-fast lint
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +14,26 @@ $(VENV)/bin/python:
 system-deps:
 	@case ",$(EXTRAS)," in *,ffcv,*) bash .ci/system-deps.sh ;; esac
 
-install: $(VENV)/bin/python system-deps
+comma := ,
+INSTALLED = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+install: $(INSTALLED)
+
+# Reinstalled only when the pins or the project's metadata change (or with other EXTRAS).
+$(INSTALLED): pyproject.toml requirements.lock | $(VENV)/bin/python
+	@$(MAKE) --no-print-directory system-deps
 	$(VENV)/bin/python -m pip install -q -c requirements.lock -e ".[$(EXTRAS)]"
 	@case ",$(EXTRAS)," in *,ffcv,*) $(VENV)/bin/python -m pip install -q --no-deps -c requirements.lock ffcv ;; esac
+	@touch $@
 
 quickstart: install
 	$(VENV)/bin/harness launch recipes/quickstart.yaml
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+test-fast: install  # the inner loop: everything but the tests that start processes, Ray, torchrun or train for real
+	$(VENV)/bin/python -m pytest -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check harness tests

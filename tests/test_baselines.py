@@ -336,6 +336,7 @@ def test_mnist5k_recipes_differ_only_in_method_and_name():
     assert all(d == dumps[0] for d in dumps)
 
 
+@pytest.mark.slow
 def test_each_mnist5k_recipe_runs_one_epoch_and_logs_its_knobs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"

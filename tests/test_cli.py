@@ -67,10 +67,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(isolated, monkeypatc
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert expected.format(t=isolated) in lines[0]
-    assert lines[0].startswith(f"error: {path}: ")
+    assert lines[0].startswith(f"error: {path}: ") and lines[0].count(f"{path}:") == 1  # named once
     assert not (isolated / "mlflow.db").exists() and not (isolated / "runs").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_a_checkpoint_of_another_recipe(isolated, monkeypatch, capsys):
     first = isolated / "first.yaml"
     first.write_text(recipe_text(isolated))
@@ -105,6 +106,7 @@ def test_dry_run_prints_the_resolved_recipe(isolated, monkeypatch, capsys):
     assert not (isolated / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_console_script_exit_code(tmp_path):
     """The installed entry point, as a user runs it."""
     path = tmp_path / "r.yaml"

@@ -88,6 +88,7 @@ def one_process_reference(path: Path) -> tuple[dict, dict]:
     return initial, trainer.model.state_dict()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_thresholds_included(tmp_path):
     paths = [write_recipe(tmp_path, "eq_ann", {"name": "ann"}),
              write_recipe(tmp_path, "eq_dsr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}})]
@@ -108,6 +109,8 @@ def test_ddp_two_processes_match_one_process_thresholds_included(tmp_path):
             assert (single[key] - initial[key]).abs() > 10 * ATOL, f"{key} hardly moved: the test would be blind"
 
 
+@pytest.mark.slow
+@requires_deepspeed
 def test_deepspeed_zero2_two_processes_log_one_mlflow_run(tmp_path):
     path = write_recipe(tmp_path, "ds_quick", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}},
                         engine={"kind": "deepspeed", "sync_bn": False, "deepspeed": {"stage": 2}})
@@ -141,6 +144,7 @@ def _worker_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_killed_rank_fails_the_run_and_resume_continues_with_one_process(tmp_path):
     path = write_recipe(tmp_path, "kill", {"name": "ann"}, data={"batch_size": 32}, optim={"epochs": 3},
                         engine={"sync_bn": False, "timeout_s": 30})
@@ -212,6 +216,35 @@ def test_deepspeed_batch_numbers_always_agree(tmp_path):
         config_of(load_recipe(path, [f"engine.deepspeed.config={full}"]), 4)
 
 
+@pytest.mark.parametrize("text,expected", [
+    ('{"bf16": {"enabled": true}}', "bf16.enabled: True disagrees with the recipe's engine.precision: fp32"),
+    ('{"fp16": {"enabled": true}}', "fp16.enabled: True disagrees with the recipe's engine.precision: fp32"),
+    ('{"gradient_clipping": 1.0}', "gradient_clipping: 1.0 disagrees with the recipe's optim.grad_clip: None")])
+def test_a_deepspeed_json_that_disagrees_on_precision_or_clipping_is_refused(tmp_path, text, expected):
+    full = tmp_path / "ds.json"
+    full.write_text(text)
+    recipe = load_recipe(write_recipe(tmp_path, "dsjson", {"name": "ann"},
+                                      engine={"kind": "deepspeed", "deepspeed": {"config": str(full)}}))
+    with pytest.raises(RecipeError) as refused:
+        deepspeed_config(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, 2)
+    assert str(refused.value).startswith(f"{full}: {expected}; remove it (the recipe sets")
+
+
+def test_a_deepspeed_json_takes_precision_and_clipping_from_the_recipe(tmp_path):
+    full = tmp_path / "ds.json"
+    path = write_recipe(tmp_path, "dsjson", {"name": "ann"}, optim={"grad_clip": 2.0},
+                        engine={"kind": "deepspeed", "precision": "bf16", "deepspeed": {"config": str(full)}})
+    for text in ('{"zero_optimization": {"stage": 1}}',  # silent: filled in
+                 '{"zero_optimization": {"stage": 1}, "bf16": {"enabled": true}, "gradient_clipping": 2.0}'):
+        full.write_text(text)
+        recipe = load_recipe(path)
+        config = deepspeed_config(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, 2)
+        assert (config["bf16"], config["fp16"], config["gradient_clipping"]) == (
+            {"enabled": True}, {"enabled": False}, 2.0)
+        assert config["zero_optimization"] == {"stage": 1}
+
+
+@pytest.mark.slow
 def test_nproc_refuses_a_single_engine(tmp_path):
     path = write_recipe(tmp_path, "single", {"name": "ann"}, engine={"kind": "single"})
     done = subprocess.run([PYTHON, "-m", "harness.cli", "launch", str(path), "--nproc", "2"], cwd=tmp_path,
@@ -224,6 +257,7 @@ def test_nproc_refuses_a_single_engine(tmp_path):
 @pytest.mark.parametrize("batch,world,expected", [
     (128, 3, "data.batch_size: 128 does not split evenly over 3 processes; use a multiple of 3"),
     (2, 4, "data.batch_size: 2 does not split evenly over 4 processes; use a multiple of 4")])
+@pytest.mark.slow
 def test_a_global_batch_that_does_not_split_is_refused_before_joining_the_job(tmp_path, batch, world, expected):
     path = write_recipe(tmp_path, "split", {"name": "ann"}, data={"batch_size": batch})
     env = {**run_env(), "RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

@@ -95,6 +95,7 @@ def test_training_crop_is_one_offset_for_all_frames(dvs_root):
     assert len(offsets) > 1
 
 
+@pytest.mark.slow
 def test_ffcv_frames_equal_the_torch_frames(dvs_root, tmp_path):
     pytest.importorskip("ffcv", reason="ffcv is not installed")
     from click.testing import CliRunner

@@ -90,6 +90,7 @@ def test_imagenet_ffcv_matches_torch_exactly_raw_and_closely_as_jpeg(tmp_path):
     assert torch.equal(y, ref_y) and pixel_error.mean() < 12 and pixel_error.mean() > 0
 
 
+@pytest.mark.slow
 def test_imagenet_of_mixed_sizes_centre_crops_like_resize_and_crop(tmp_path):
     root = tmp_path / "imagenet"
     for split in ("train", "val"):
@@ -160,6 +161,7 @@ def test_auto_picks_ffcv_only_with_beton_files(cifar10):
     assert pipeline.note.startswith("cifar10 through the ffcv loader (")
 
 
+@pytest.mark.slow
 def test_one_epoch_of_a_recipe_on_ffcv_through_launch(cifar10, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -204,6 +206,7 @@ def shard_worker(rank: int, world_size: int, cfg: DataConfig, port: int, out: st
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_see_each_sample_once_per_epoch(cifar10, tmp_path):
     cfg = DataConfig(dataset="cifar10", loader="ffcv", train=str(cifar10 / "c10_train.beton"),
                      val=str(cifar10 / "c10_val.beton"), batch_size=4, augment=False)
@@ -248,6 +251,7 @@ def run_harness(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([HARNESS, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_bad_files_roots_and_names_exit_2_naming_the_problem(cifar10, monkeypatch, capsys):
     whole = (cifar10 / "c10_train.beton").read_bytes()
     (cifar10 / "cut.beton").write_bytes(whole[: len(whole) * 2 // 3])

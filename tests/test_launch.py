@@ -42,6 +42,7 @@ def runs(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["dsr", "lif", "ann"])
+@pytest.mark.slow
 def test_launch_logs_one_finished_run_with_params_tags_metrics_artifacts(tmp_path, monkeypatch, method):
     monkeypatch.chdir(tmp_path)
     path = make_recipe(tmp_path, method)
@@ -80,6 +81,7 @@ class Interrupt(KeyboardInterrupt):
     pass
 
 
+@pytest.mark.slow
 def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = make_recipe(tmp_path, "dsr", epochs=3)
@@ -112,6 +114,7 @@ def test_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path, 
     assert not different, f"weights differ after resume: {different[:5]}"
 
 
+@pytest.mark.slow
 def test_crash_marks_run_failed_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = make_recipe(tmp_path, "dsr", epochs=3)
@@ -147,6 +150,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("signum,status,code", [(signal.SIGINT, "KILLED", 130), (signal.SIGTERM, "KILLED", 143)])
+@pytest.mark.slow
 def test_ctrl_c_or_sigterm_marks_the_run_killed(tmp_path, signum, status, code):
     path = make_recipe(tmp_path, "dsr", epochs=500)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -39,6 +39,7 @@ def test_paper_recipe_states_dsr_md_settings(name):
 
 
 @pytest.mark.parametrize("name", list(PAPER))
+@pytest.mark.slow
 def test_paper_recipe_runs_one_step(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     if name.startswith("cifar100"):

@@ -4,8 +4,12 @@ accuracy, within 1 point of the same backbone trained as an ANN with the same bu
 
 from pathlib import Path
 
+import pytest
+
 from harness.engine.launch import launch
 from harness.recipe import load_recipe
+
+pytestmark = pytest.mark.slow  # every test here trains through launch
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 

@@ -1,1 +1,3 @@
-"""Training engine: the loop (`trainer`), its schedule and its checkpoints."""
+"""Training: the loop (`loop.Trainer`), the engines it runs steps on (`engines/`: local, DDP, DeepSpeed, one
+interface), and the components beside it (evaluation, checkpoint, precision, schedule, progress, the
+method hooks' `context`); `launch` runs a recipe end to end."""
