@@ -88,11 +88,10 @@ def one_process_reference(path: Path) -> tuple[dict, dict]:
     return initial, trainer.model.state_dict()
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_match_one_process_thresholds_included(tmp_path):
-    paths = [write_recipe(tmp_path, "eq_ann", {"name": "ann"}),
-             write_recipe(tmp_path, "eq_dsr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}})]
-    done = run_worker("train", tmp_path, paths)
+def assert_two_processes_match_one(tmp_path: Path, paths: list[Path]) -> None:
+    """Train each recipe on 2 processes (tests/distributed_worker.py) and on one; the ranks agree exactly and
+    rank 0 agrees with one process to ATOL, thresholds included, and the thresholds really moved."""
+    done = run_worker("train", tmp_path, paths, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     for path in paths:
         name = path.stem
@@ -100,13 +99,30 @@ def test_ddp_two_processes_match_one_process_thresholds_included(tmp_path):
         rank1 = torch.load(tmp_path / f"{name}.rank1.pt")
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"{name}: ranks diverged"
         initial, single = one_process_reference(path)
+        assert rank0.keys() == single.keys(), name
         for key, value in single.items():
             if value.is_floating_point():
                 torch.testing.assert_close(rank0[key], value, atol=ATOL, rtol=0, msg=f"{name}: {key}")
         thresholds = [k for k in single if k.endswith("vth")]
-        assert (name == "eq_ann") == (not thresholds)
+        assert ("ann" in name) == (not thresholds)
         for key in thresholds:
             assert (single[key] - initial[key]).abs() > 10 * ATOL, f"{key} hardly moved: the test would be blind"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_thresholds_included(tmp_path):
+    assert_two_processes_match_one(tmp_path, [
+        write_recipe(tmp_path, "eq_ann", {"name": "ann"}),
+        write_recipe(tmp_path, "eq_dsr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}})])
+
+
+@pytest.mark.slow
+@requires_deepspeed
+def test_deepspeed_zero2_two_processes_match_one_process_thresholds_included(tmp_path):
+    """The same recipe under DeepSpeed ZeRO-2 (fp32, the recipe's torch SGD, global-batch BN) on 2 processes."""
+    assert_two_processes_match_one(tmp_path, [
+        write_recipe(tmp_path, "zero2_dsr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}},
+                     engine={"kind": "deepspeed", "deepspeed": {"stage": 2}})])
 
 
 @pytest.mark.slow

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.engine.distributed import ProcessInfo, all_reduce_sum
+from harness.engine.distributed import ProcessInfo, all_reduce_sum, broadcast_buffers
 from harness.engine.precision import Precision
+from harness.engine.sync_bn import convert_to_global_batchnorm
 from harness.recipe import EngineConfig
 from harness.snn import parameter_bounds
 
@@ -61,7 +62,10 @@ class Engine(ABC):
 
     # ------------------------------------------------------------------------------------ building
     def place(self, model: nn.Module) -> nn.Module:
-        """The plain model made ready for this engine and moved to its device (before the optimizer is built)."""
+        """The plain model made ready for this engine and moved to its device (before the optimizer is built):
+        with `engine.sync_bn` in a multi-process job, batch norm over the global batch (`GlobalBatchNorm`)."""
+        if self.cfg.sync_bn and self.process.distributed:
+            model = convert_to_global_batchnorm(model)
         return model.to(self.device)
 
     @abstractmethod
@@ -104,8 +108,11 @@ class Engine(ABC):
         """`tensor` summed over every process (identity in a single process)."""
         return all_reduce_sum(tensor.to(self.device), self.process)
 
-    def end_epoch(self) -> None:  # noqa: B027  (most engines have nothing to do here)
-        """Called by the loop after each training epoch (DDP without sync_bn: equalise BN buffers)."""
+    def end_epoch(self) -> None:
+        """Called by the loop after each training epoch: without sync_bn every process's batch norm kept its
+        own running statistics, and rank 0's are broadcast so that evaluation and checkpoints agree."""
+        if self.process.distributed and not self.cfg.sync_bn:
+            broadcast_buffers(self.model, self.process)
 
     # ------------------------------------------------------------------------------------ checkpoints
     @abstractmethod

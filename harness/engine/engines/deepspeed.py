@@ -142,7 +142,7 @@ class DeepSpeedEngine(Engine):
         if stage == 3 and scalar is not None:
             raise RecipeError(f"engine.deepspeed.stage: 3 partitions every parameter, and DeepSpeed cannot partition "
                               f"0-dim ones such as {scalar} (a threshold or clip); use stage 1 or 2")
-        return model.to(self.device)
+        return super().place(model)
 
     def setup(self, step_module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
               make_scheduler: SchedulerFactory) -> None:
