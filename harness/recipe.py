@@ -167,13 +167,13 @@ class QCFSMethod(Section):
 
 
 Method = Annotated[AnnMethod | DSRMethod | SGMethod | QCFSMethod, Field(discriminator="name")]
+_METHODS: dict[str, type[Section]] = {"ann": AnnMethod, "dsr": DSRMethod, "sg": SGMethod, "qcfs": QCFSMethod}
 IMAGE_ONLY_METHODS = ("ann", "qcfs")  # their networks take one image per sample, not a sequence of frames
 
 
 def method_section(raw: dict[str, Any]) -> Method:
     """A validated `method` section (defaults filled in) from its mapping, e.g. `{"name": "dsr", "T": 4}`."""
     return TypeAdapter(Method).validate_python(raw)
-_METHODS: dict[str, type[Section]] = {"ann": AnnMethod, "dsr": DSRMethod, "sg": SGMethod, "qcfs": QCFSMethod}
 
 
 class OptimConfig(Section):
@@ -253,7 +253,7 @@ class Recipe(Section):
         return getattr(self.method, "T", None)
 
     @model_validator(mode="after")
-    def _frames_match_T(self) -> "Recipe":
+    def _frames_fit_the_method(self) -> "Recipe":
         if self.data.frames is not None and self.method.name in IMAGE_ONLY_METHODS:
             raise ValueError(f"method.name: {self.method.name} takes single images, but data.frames "
                              f"({self.data.frames}) makes every sample a sequence of frames; use dsr or sg")

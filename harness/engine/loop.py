@@ -128,7 +128,7 @@ class Trainer:
                 bar.advance(loss, n)
         elapsed = time.perf_counter() - start
         self.engine.end_epoch()
-        loss_sum, correct, seen = self.engine.reduce_sum(totals).tolist()
+        loss_sum, correct, seen = self.context.reduce_sum(totals).tolist()
         return {"train/loss": loss_sum / seen, "train/acc1": 100.0 * correct / seen,
                 "train/img_per_s": seen / elapsed, "time/train_epoch_s": elapsed,
                 "lr": self.engine.optimizer.param_groups[0]["lr"]}

@@ -2,8 +2,9 @@
 
 An engine owns how a step runs: it wraps the plain training module (`setup`), runs one optimizer step on
 this process's batch (`train_step`: micro-batches, precision, backward, clipping, the optimizer and the
-schedule, then the parameter bounds), sums over processes (`reduce_sum`), and owns its part of a checkpoint
-(`checkpoint_state`, `load_checkpoint_state`, `prune`). The loop (`harness.engine.loop`) only calls these.
+schedule, then the parameter bounds), keeps batch norm consistent across processes (`place`, `end_epoch`),
+and owns its part of a checkpoint (`checkpoint_state`, `load_checkpoint_state`, `prune`). The loop
+(`harness.engine.loop`) only calls these.
 
 Step contract, for every engine, with N processes, A = `engine.grad_accum` micro-batches and B the global
 batch (`data.batch_size`): each process holds B/N samples and splits them into A equal micro-batches; the
@@ -103,10 +104,6 @@ class Engine(ABC):
         """Clamp every bounded parameter in place (local and DDP: the parameter is what the optimizer steps)."""
         for param, bound in self.bounds:
             param.clamp_(min=bound)
-
-    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` summed over every process (identity in a single process)."""
-        return all_reduce_sum(tensor.to(self.device), self.process)
 
     def end_epoch(self) -> None:
         """Called by the loop after each training epoch: without sync_bn every process's batch norm kept its
