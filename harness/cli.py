@@ -38,13 +38,16 @@ def launch(recipe: str, overrides: tuple[str, ...], resume: str | None, dry_run:
         click.echo(recipe_to_yaml(resolved), nl=False)
         return
     if nproc is not None and nproc > 1:
-        from harness.engine.distributed import detect_process
+        from harness.engine.distributed import ProcessInfo, detect_process
+        from harness.engine.engines import check_job
 
         if detect_process().distributed:
             raise RecipeError("--nproc: this process is already one of a distributed job; drop --nproc")
         if resolved.engine.kind == "single":
             raise RecipeError(f"engine.kind: single runs one process; use -o engine.kind=ddp (or deepspeed) with "
                               f"--nproc {nproc}", file=recipe)
+        with in_file(recipe):  # before starting processes that would each say it
+            check_job(resolved.engine, resolved.data.batch_size, ProcessInfo(0, nproc, 0, "torchrun"))
         args = ["launch", recipe, *(f"--override={o}" for o in overrides)]
         args += [f"--resume={resume}"] if resume is not None else []
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

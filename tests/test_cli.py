@@ -52,6 +52,8 @@ CASES = {
     "ann on event frames": (lambda t: recipe_text(t), ("-o", "method={name: ann}", "-o", "data.frames=2"),
                             "method.name: ann takes single images, but data.frames (2) makes every sample a "
                             "sequence of frames; use dsr or sg"),
+    "batch over --nproc": (lambda t: recipe_text(t), ("-o", "engine.kind=ddp", "--nproc", "3"),
+                           "data.batch_size: 128 does not split evenly over 3 processes; use a multiple of 3"),
     "qcfs on event frames": (lambda t: recipe_text(t), ("-o", "method={name: qcfs, T: 2}", "-o", "data.frames=2"),
                              "method.name: qcfs takes single images"),
 }
