@@ -49,19 +49,21 @@ def test_kuberay_rayjob_runs_an_existing_sweep():
     assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]
 
 
-def test_deepspeed_hostfile_and_config_fit_a_recipe(tmp_path):
+def test_deepspeed_hostfile_and_config_fit_the_recipe_they_are_shown_with(tmp_path):
+    """cluster/README.md runs recipes/imagenet_resnet34_ann.yaml over the hostfile's slots with zero2.json: the
+    global batch must split over that many processes, and the JSON must agree with the recipe."""
     hosts = [line for line in (CLUSTER / "deepspeed" / "hostfile").read_text().splitlines()
              if line and not line.startswith("#")]
     assert hosts and all(re.fullmatch(r"\S+ slots=\d+", line) for line in hosts)
+    processes = sum(int(line.split("slots=")[1]) for line in hosts)
     path = CLUSTER / "deepspeed" / "zero2.json"
     assert json.loads(path.read_text())["zero_optimization"]["stage"] == 2
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml",
-                         ["engine.kind=deepspeed", f"engine.deepspeed.config={path}", "engine.precision=bf16",
-                          "optim.grad_clip=1.0"])
-    slots = sum(int(line.split("slots=")[1]) for line in hosts)
-    config = deepspeed_config(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, 4)
-    assert config["train_batch_size"] == recipe.data.batch_size == 4 * config["train_micro_batch_size_per_gpu"]
-    assert slots >= 1 and "scheduler" not in config
+    assert "recipes/imagenet_resnet34_ann.yaml" in (CLUSTER / "README.md").read_text()
+    recipe = load_recipe(REPO / "recipes" / "imagenet_resnet34_ann.yaml",
+                         ["engine.kind=deepspeed", f"engine.deepspeed.config={path}"])
+    config = deepspeed_config(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, processes)
+    assert config["train_batch_size"] == recipe.data.batch_size == processes * config["train_micro_batch_size_per_gpu"]
+    assert config["bf16"] == {"enabled": recipe.engine.precision == "bf16"} and "scheduler" not in config
 
 
 def test_paths_recipes_and_verbs_named_in_templates_exist():
