@@ -1,7 +1,8 @@
 """What a person watching a run sees: a progress bar per epoch (img/s, loss, ETA) and one line per epoch.
 
-The bar advances every step without reading anything from the device; the loss shown is refreshed at most
-once a second (one host read then), so the bar never adds a synchronisation per step.
+The bar advances every step without reading anything from the device; the loss shown is refreshed after the
+first step and then at most once a second (one host read each time), so the bar adds no synchronisation per
+step.
 """
 
 import time
@@ -27,7 +28,7 @@ class EpochBar:
     def __init__(self, progress: Progress, description: str, total: int, world_size: int):
         self.progress, self.world_size = progress, world_size
         self.task = progress.add_task(description, total=total, speed="", loss="")
-        self.start = self.shown = time.perf_counter()
+        self.start, self.shown = time.perf_counter(), -REFRESH_S  # the first step is shown at once
         self.samples = 0
 
     def advance(self, loss: torch.Tensor, samples: int) -> None:
