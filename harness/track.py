@@ -6,6 +6,10 @@ A run logs the flattened recipe as params, tags (method, neuron, T, backbone, da
 `track.tags`), per-epoch metrics, the resolved recipe and a summary as artifacts. Leaving the `Tracker`
 context ends the run FINISHED, KILLED (KeyboardInterrupt, SIGTERM) or FAILED (any other exception).
 A resumed launch reopens the run its checkpoint names, so one training run stays one MLflow run.
+The `Tracker`'s writes hold SIGINT and SIGTERM back until they are done: a signal handled in the middle of
+a sqlite write surfaces as an `MlflowException` and could leave the run RUNNING (seen when torchrun tears
+a failed job down while rank 0 is ending its run FAILED). The first signal held back is delivered right
+after the write, or dropped when the run is being ended by an exception anyway.
 
 Besides `Tracker`, small functions by tracking URI for the runs other modules handle: a sweep's parent run
 and its trials' runs (`create_run`, `log_text`, `set_tags`, `reopen_run`, `end_run`), and the search the
@@ -15,8 +19,12 @@ This is the only module that talks to MLflow.
 
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +150,24 @@ def run_tags(recipe: Recipe) -> dict[str, str]:
     return tags
 
 
+@contextmanager
+def _signals_held(deliver: bool = True) -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (main thread only; elsewhere signals cannot arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda caught, _frame: held.append(caught))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    if held and deliver:
+        signal.raise_signal(held[0])
+
+
 class Tracker:
     """Context manager around one MLflow run. `enabled=False` (non-zero ranks) makes every call a no-op.
 
@@ -165,6 +191,10 @@ class Tracker:
     def __enter__(self) -> "Tracker":
         if not self.enabled:
             return self
+        with _signals_held():
+            return self._open()
+
+    def _open(self) -> "Tracker":
         self.client = MlflowClient(self.uri)
         experiment_id = ensure_experiment(self.client, self.recipe.track.experiment, self.uri)
         if self.resume_run_id and self._run_exists(self.resume_run_id):
@@ -196,19 +226,22 @@ class Tracker:
             return
         now = int(time.time() * 1000)
         entries = [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for start in range(0, len(entries), 500):
-            self.client.log_batch(self.run_id, metrics=entries[start:start + 500])
+        with _signals_held():
+            for start in range(0, len(entries), 500):
+                self.client.log_batch(self.run_id, metrics=entries[start:start + 500])
 
     def log_text(self, text: str, name: str) -> None:
         if self.enabled:
-            _log_text(self.client, self.run_id, text, name)
+            with _signals_held():
+                _log_text(self.client, self.run_id, text, name)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         self.log_text(json.dumps(summary, indent=2, sort_keys=True), "summary.json")
 
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:
-            self.client.set_tag(self.run_id, key, value)
+            with _signals_held():
+                self.client.set_tag(self.run_id, key, value)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.enabled or self.run_id is None:
@@ -219,5 +252,6 @@ class Tracker:
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
-        self.client.set_terminated(self.run_id, status=RunStatus.to_string(status))
+        with _signals_held(deliver=exc_type is None):  # an exception already ends this process
+            self.client.set_terminated(self.run_id, status=RunStatus.to_string(status))
         return False

@@ -15,6 +15,7 @@ from harness.engine import checkpoint
 from harness.engine.launch import launch
 from harness.engine.loop import Trainer
 from harness.recipe import load_recipe
+from harness.track import Tracker
 
 RECIPE = """
 name: digits_{method}
@@ -165,3 +166,49 @@ def test_ctrl_c_or_sigterm_marks_the_run_killed(tmp_path, signum, status, code):
     assert proc.wait(timeout=60) == code
     _, found = runs(tmp_path)
     assert [r.info.status for r in found] == [status]
+
+
+class TornDown(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def sigterm_raises():
+    """SIGTERM handled as a distributed process handles it (an exception), restored afterwards."""
+    def torn_down(_signum, _frame):
+        raise TornDown()
+
+    previous = signal.signal(signal.SIGTERM, torn_down)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _signal_in_the_middle(monkeypatch, method: str):
+    """Make `MlflowClient.<method>` receive SIGTERM just before it writes."""
+    real = getattr(MlflowClient, method)
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, method, signalled)
+
+
+def test_a_signal_while_the_run_is_being_ended_still_ends_it(tmp_path, monkeypatch, sigterm_raises):
+    """torchrun's SIGTERM reaching rank 0 while it ends its run FAILED must not leave the run RUNNING."""
+    recipe = load_recipe(make_recipe(tmp_path))
+    _signal_in_the_middle(monkeypatch, "set_terminated")
+    with pytest.raises(ValueError, match="the crash"), Tracker(recipe):
+        raise ValueError("the crash")
+    _, found = runs(tmp_path)
+    assert [r.info.status for r in found] == ["FAILED"]
+
+
+def test_a_signal_during_a_metric_write_is_delivered_after_it(tmp_path, monkeypatch, sigterm_raises):
+    recipe = load_recipe(make_recipe(tmp_path))
+    with pytest.raises(TornDown), Tracker(recipe) as tracker:
+        _signal_in_the_middle(monkeypatch, "log_batch")
+        tracker.log_metrics({"test/acc1": 50.0}, step=1)
+    client, found = runs(tmp_path)
+    assert [r.info.status for r in found] == ["FAILED"]  # TornDown is not an interrupt: the run failed
+    assert [m.value for m in client.get_metric_history(found[0].info.run_id, "test/acc1")] == [50.0]
