@@ -6,7 +6,7 @@ A run logs the flattened recipe as params, tags (method, neuron, T, backbone, da
 `track.tags`), per-epoch metrics, the resolved recipe and a summary as artifacts. Leaving the `Tracker`
 context ends the run FINISHED, KILLED (KeyboardInterrupt, SIGTERM) or FAILED (any other exception).
 A resumed launch reopens the run its checkpoint names, so one training run stays one MLflow run.
-The `Tracker`'s writes hold SIGINT and SIGTERM back until they are done: a signal handled in the middle of
+Every write here holds SIGINT and SIGTERM back until it is done: a signal handled in the middle of
 a sqlite write surfaces as an `MlflowException` and could leave the run RUNNING (seen when torchrun tears
 a failed job down while rank 0 is ending its run FAILED). The first signal held back is delivered right
 after the write, or dropped when the run is being ended by an exception anyway.
@@ -71,6 +71,25 @@ class RunRecord:
     metrics: dict[str, float]
 
 
+@contextmanager
+def _signals_held(deliver: bool = True) -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (main thread only; elsewhere signals cannot arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda caught, _frame: held.append(caught))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    if held and deliver:
+        signal.raise_signal(held[0])
+
+
+@_signals_held()
 def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
     """A new RUNNING run in `experiment` (created if needed); its id."""
     client = MlflowClient(uri)
@@ -78,20 +97,24 @@ def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
+@_signals_held()
 def log_text(uri: str, run_id: str, text: str, name: str) -> None:
     """Store `text` as the run's artifact file `name`."""
     _log_text(MlflowClient(uri), run_id, text, name)
 
 
+@_signals_held()
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     MlflowClient(uri).log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
 
 
+@_signals_held()
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark an ended run RUNNING again (a resumed sweep's parent)."""
     MlflowClient(uri).update_run(run_id, status="RUNNING")
 
 
+@_signals_held()
 def end_run(uri: str, run_id: str, status: str) -> None:
     """End the run FINISHED, FAILED or KILLED."""
     MlflowClient(uri).set_terminated(run_id, status=status)
@@ -148,24 +171,6 @@ def run_tags(recipe: Recipe) -> dict[str, str]:
     }
     tags.update(recipe.track.tags)
     return tags
-
-
-@contextmanager
-def _signals_held(deliver: bool = True) -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done (main thread only; elsewhere signals cannot arrive)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    previous = {signum: signal.signal(signum, lambda caught, _frame: held.append(caught))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-    if held and deliver:
-        signal.raise_signal(held[0])
 
 
 class Tracker:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from harness import track
 from harness.engine import checkpoint
 from harness.engine.launch import launch
 from harness.engine.loop import Trainer
@@ -212,3 +213,14 @@ def test_a_signal_during_a_metric_write_is_delivered_after_it(tmp_path, monkeypa
     client, found = runs(tmp_path)
     assert [r.info.status for r in found] == ["FAILED"]  # TornDown is not an interrupt: the run failed
     assert [m.value for m in client.get_metric_history(found[0].info.run_id, "test/acc1")] == [50.0]
+
+
+def test_a_signal_while_a_sweep_run_is_being_ended_is_delivered_after_it(tmp_path, monkeypatch, sigterm_raises):
+    """The by-URI writes (a sweep's parent and trial runs) hold signals as the `Tracker`'s do."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = track.create_run(uri, "tests", "parent", {})
+    _signal_in_the_middle(monkeypatch, "set_terminated")
+    with pytest.raises(TornDown):
+        track.end_run(uri, run_id, "KILLED")
+    _, found = runs(tmp_path)
+    assert [r.info.status for r in found] == ["KILLED"]
