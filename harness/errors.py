@@ -10,6 +10,10 @@ raised with `file=`, and then keeps it.
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# what str.splitlines() splits at, written as its escape: an error prints as one line even when it quotes a
+# user's key with a line break in it
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
 
 class HarnessError(Exception):
     """Bad input found by the harness (recipe, data, checkpoint, ...): one line naming the field and what is
@@ -21,7 +25,8 @@ class HarnessError(Exception):
         self.file = None if file is None else str(file)
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.message}" if self.file else self.message
+        text = f"{self.file}: {self.message}" if self.file else self.message
+        return text.translate(_LINE_BREAKS)
 
     def __reduce__(self):  # pickled across processes (Ray workers) with its file
         return type(self), (self.message, self.file)

@@ -4,14 +4,26 @@
 (`-o optim.lr=0.05`; values parsed as YAML scalars/lists), validates against `Recipe`, and fills in the
 defaults that depend on other fields (DSR's IF/LIF defaults of DSR.md section 5). Every field has a
 default stated here; unknown keys, wrong types and out-of-range values raise `RecipeError` with one line
-`<file>: <field>: <what is allowed> (got <value>)`.
+`<file>: <field>: <what is allowed> (got <value>)`. Numbers are finite, never booleans, and bounded (the `MAX_*`
+constants below), so that a typo such as `10**30` or `.inf` is refused before it reaches a run.
 """
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.errors import HarnessError
 from harness.yamlfile import read_yaml
@@ -25,10 +37,44 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+def _not_a_boolean(value: Any) -> Any:
+    """YAML's `true`/`false` are not the numbers 1 and 0 (which pydantic would otherwise take them for)."""
+    if isinstance(value, bool):
+        raise ValueError(f"a number, not a boolean (got {str(value).lower()})")
+    return value
+
+
+def _within(limit: float, why: str) -> AfterValidator:
+    """A float at most `limit` in magnitude (`why`: where that limit comes from)."""
+    def check(value: float) -> float:
+        if abs(value) > limit:
+            raise ValueError(f"must lie within ±{limit:.3g}, {why} (got {value:.3g})")
+        return value
+    return AfterValidator(check)
+
+
+# Every number of a recipe or sweep is one of these: finite, never a boolean, a float within float32's range
+# and an integer within a C int's, so that a typo such as 10**30 or .inf is refused here instead of reaching
+# torch, numpy or an allocation. An integer type states all its bounds at once (nested bounds would all apply,
+# and the message name the looser); `Real` is a float with no bounds, for fields that state their own.
+MAX_INT = 2**31 - 1
+MAX_FLOAT = 3.4028234663852886e38  # float32's largest: parameters, thresholds and optimizer steps are float32
+MAX_LR = MAX_FLOAT / 10  # Adam's first step is lr / (1 - beta1) = 10 lr, and must fit float32
+MAX_BATCH = 2**20  # a batch size: the data loaders hold a list as long as the batch
+MAX_T = 1024  # time steps (and frames): the activations grow with T
+MAX_PARALLEL = 1024  # loader workers and CPU threads per process
+MAX_CLASSES = 100_000  # the output layer grows with it (ImageNet-21k has 21,841)
+NotBoolean = BeforeValidator(_not_a_boolean)
+InFloat32 = _within(MAX_FLOAT, "float32's range")
+Real = Annotated[float, NotBoolean, Field(allow_inf_nan=False)]
+FiniteFloat = Annotated[Real, InFloat32]
+PositiveFloat = Annotated[Real, Field(gt=0), InFloat32]
+NonNegativeFloat = Annotated[Real, Field(ge=0), InFloat32]
+Int = Annotated[int, NotBoolean, Field(ge=-MAX_INT, le=MAX_INT)]
+PositiveInt = Annotated[int, NotBoolean, Field(ge=1, le=MAX_INT)]
+NonNegativeInt = Annotated[int, NotBoolean, Field(ge=0, le=MAX_INT)]
+BatchSize = Annotated[int, NotBoolean, Field(ge=1, le=MAX_BATCH)]
+TimeSteps = Annotated[int, NotBoolean, Field(ge=1, le=MAX_T)]
 
 
 class DataConfig(Section):
@@ -39,11 +85,11 @@ class DataConfig(Section):
     loader: Literal["auto", "torch", "ffcv"] = "auto"  # auto: ffcv where installed and .beton given
     train: str | None = None  # .beton file of the training split (loader ffcv)
     val: str | None = None  # .beton file of the validation split (loader ffcv)
-    batch_size: PositiveInt = 128  # global batch: split over the processes of a distributed run
-    eval_batch_size: PositiveInt | None = None  # default: batch_size
-    workers: NonNegativeInt = 0  # loader worker processes per training process
+    batch_size: BatchSize = 128  # global batch: split over the processes of a distributed run
+    eval_batch_size: BatchSize | None = None  # default: batch_size
+    workers: Annotated[int, NotBoolean, Field(ge=0, le=MAX_PARALLEL)] = 0  # loader processes per training process
     augment: bool = True  # the training augmentations of DSR.md section 5
-    frames: PositiveInt | None = None  # frames per sample of an event data set (dvs_cifar10); must equal method.T
+    frames: TimeSteps | None = None  # frames per sample of an event data set (dvs_cifar10); must equal method.T
 
 
 class ModelConfig(Section):
@@ -51,9 +97,9 @@ class ModelConfig(Section):
     preact_resnet34, vgg11_dvs, snn_convnet; or any timm CNN)."""
 
     backbone: str = "snn_convnet"
-    num_classes: PositiveInt | None = None  # default: the data set's
-    drop_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for timm.create_model
+    num_classes: Annotated[int, NotBoolean, Field(ge=1, le=MAX_CLASSES)] | None = None  # default: the data set's
+    drop_rate: Annotated[Real, Field(ge=0, lt=1)] = 0.0
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict)  # extra keyword arguments for timm.create_model
 
 
 class ThresholdConfig(Section):
@@ -69,7 +115,7 @@ class ThresholdConfig(Section):
     @classmethod
     def _number_or_calibrate(cls, value: Any) -> Any:
         if isinstance(value, str) and value != "calibrate":
-            raise ValueError(f"a number > 0 or 'calibrate' (got {value!r})")
+            raise ValueError(f"a number > 0 or 'calibrate' (got {_shown(value)})")
         return value
 
 
@@ -84,7 +130,7 @@ class CalibrateConfig(Section):
     """Thresholds from the ANN (DSR.md section 4): each layer's V = that percentile of its post-ReLU outputs on
     the first training batches of a new run (times dt for LIF)."""
 
-    percentile: Annotated[float, Field(gt=0, le=100)] = 99.9
+    percentile: Annotated[Real, Field(gt=0, le=100)] = 99.9
     batches: PositiveInt = 5  # training batches the ANN sees
 
 
@@ -100,8 +146,8 @@ class DSRMethod(Section):
 
     name: Literal["dsr"] = "dsr"
     neuron: Literal["if", "lif"] = "if"
-    T: PositiveInt = 4
-    alpha: Annotated[float, Field(gt=0, le=1)] | None = None  # firing factor; IF 0.5, LIF 0.3
+    T: TimeSteps = 4
+    alpha: Annotated[Real, Field(gt=0, le=1)] | None = None  # firing factor; IF 0.5, LIF 0.3
     vth: ThresholdConfig = Field(default_factory=ThresholdConfig)
     tau: PositiveFloat = 1.0  # LIF membrane constant (fixed)
     dt: PositiveFloat | None = None  # LIF step length; default 0.05
@@ -140,15 +186,15 @@ class SGMethod(Section):
 
     name: Literal["sg"] = "sg"
     neuron: Literal["if", "lif"] = "lif"
-    T: PositiveInt = 4
+    T: TimeSteps = 4
     vth: PositiveFloat = 1.0  # threshold V (fixed)
-    leak: Annotated[float, Field(gt=0, le=1)] = 0.5  # LIF: u_t = leak*u_{t-1} + x_t (TET's code: 0.5); IF: 1
+    leak: Annotated[Real, Field(gt=0, le=1)] = 0.5  # LIF: u_t = leak*u_{t-1} + x_t (TET's code: 0.5); IF: 1
     reset: Literal["hard", "soft"] = "hard"  # hard: u -> 0 after a spike (STBP, TET); soft: u -> u - V
     detach_reset: bool = False  # no gradient through the reset
     surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig)
     loss: Literal["sdt", "tet"] = "sdt"  # sdt: CE of the time-averaged output; tet: mean over t of per-step CE
-    tet_lambda: Annotated[float, Field(ge=0, le=1)] = 1e-3  # tet: (1-lambda)*CE_TET + lambda*MSE(O_t, phi)
-    tet_phi: float = 1.0  # tet: the MSE's constant target
+    tet_lambda: Annotated[Real, Field(ge=0, le=1)] = 1e-3  # tet: (1-lambda)*CE_TET + lambda*MSE(O_t, phi)
+    tet_phi: FiniteFloat = 1.0  # tet: the MSE's constant target
     tdbn: bool = False  # threshold-dependent BN (Zheng et al. 2021): every BN weight starts at alpha_bn * vth
     alpha_bn: PositiveFloat = 1.0  # tdbn's alpha
     readout: Literal["analog", "spikes"] = "analog"  # analog: the output layer has no neuron, logits = time mean
@@ -159,10 +205,10 @@ class QCFSMethod(Section):
     """ANN-to-SNN conversion (Bu et al., ICLR 2022): train with QCFS activations, evaluate the IF conversion."""
 
     name: Literal["qcfs"] = "qcfs"
-    T: PositiveInt = 4  # the latency whose SNN accuracy is the run's test/acc1
+    T: TimeSteps = 4  # the latency whose SNN accuracy is the run's test/acc1
     L: PositiveInt = 4  # quantization levels of QCFS
     lambda_init: PositiveFloat = 8.0  # initial clip lambda of every layer (trainable)
-    eval_T: Annotated[list[PositiveInt], Field(min_length=1)] = Field(
+    eval_T: Annotated[list[TimeSteps], Field(min_length=1)] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32])  # the SNN is evaluated at each: test/acc1_T{T}
 
 
@@ -181,21 +227,23 @@ class OptimConfig(Section):
     Weight decay applies to every parameter, thresholds, BN and biases included, as in the reference."""
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.1
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
+    lr: Annotated[Real, Field(gt=0), _within(MAX_LR, "as Adam's first step (10 lr) must fit float32")] = 0.1
+    momentum: Annotated[Real, Field(ge=0, lt=1)] = 0.9  # sgd only
     nesterov: bool = False
     weight_decay: NonNegativeFloat = 5e-4
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_iters: NonNegativeInt = 0
     epochs: PositiveInt = 10
     grad_clip: PositiveFloat | None = None  # max global grad norm
+    skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/inf (counted) instead of stopping
+    max_skips_in_a_row: PositiveInt = 10  # with skip_nonfinite: stop after this many skipped steps in a row
 
 
 class DeepSpeedConfig(Section):
     """DeepSpeed settings (engine.kind deepspeed). The three batch numbers are always derived from the recipe:
     train_batch_size = data.batch_size = micro batch per process * engine.grad_accum * processes."""
 
-    stage: Annotated[int, Field(ge=0, le=3)] = 2  # ZeRO stage
+    stage: Annotated[int, NotBoolean, Field(ge=0, le=3)] = 2  # ZeRO stage
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer states (and the step) on the CPU
     offload_param: bool = False  # ZeRO 3 only: parameters on the CPU
     config: str | None = None  # a full DeepSpeed JSON file; its batch, precision and clipping fields must agree
@@ -208,11 +256,12 @@ class EngineConfig(Section):
     kind: Literal["single", "ddp", "deepspeed"] = "single"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda where available
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on CUDA; bf16 autocast on CPU
-    threads: PositiveInt | None = None  # torch CPU threads per process (default: torch's)
+    threads: Annotated[int, NotBoolean, Field(ge=1, le=MAX_PARALLEL)] | None = None  # torch's default: None
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # process-group backend; auto: nccl on CUDA, else gloo
     sync_bn: bool = False  # batch norm statistics over the global batch (all processes)
     grad_accum: PositiveInt = 1  # micro-batches per optimizer step; data.batch_size stays the global batch
     timeout_s: PositiveInt = 1800  # collective timeout: a hung or lost process fails the run after this
+    checkpoint_every: NonNegativeInt = 0  # steps between mid-epoch checkpoints (0: only at the end of each epoch)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
 
@@ -268,20 +317,26 @@ def apply_override(raw: dict, override: str, source: str = "-o") -> None:
     if "=" not in override:
         raise RecipeError(f"{source} {override!r}: expected key.path=value")
     path, text = override.split("=", 1)
-    keys = path.strip().split(".")
-    if not all(keys):
-        raise RecipeError(f"{source} {override!r}: empty key in {path!r}")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
         raise RecipeError(f"{source} {override!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    set_field(raw, path, value, f"{source} {override!r}")
+
+
+def set_field(raw: dict, path: str, value: Any, source: str) -> None:
+    """Set the dotted `path` (`optim.lr`) of the nested dict `raw` to `value`, making the sections it lacks;
+    a `RecipeError` starts with `source` (the override, or the sweep trial that sets it)."""
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise RecipeError(f"{source}: empty key in {path!r}")
     node = raw
     for i, key in enumerate(keys[:-1]):
         child = node.get(key)
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            raise RecipeError(f"{source} {override!r}: {'.'.join(keys[:i + 1])} is not a section")
+            raise RecipeError(f"{source}: {'.'.join(keys[:i + 1])} is not a section")
         node = child
     node[keys[-1]] = value
 
@@ -302,25 +357,43 @@ def _section_at(path: list[str], method_name: str | None) -> type[BaseModel] | N
     return section
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters (a value can be a long list)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def _describe(error: dict, raw: dict) -> str:
+    """One line for pydantic's `error`: the dotted field, then what is allowed (and the value given)."""
     method_name = (raw.get("method") or {}).get("name") if isinstance(raw.get("method"), dict) else None
-    # drop pydantic's union-member labels ("constrained-float", "literal['calibrate']") from the path
-    loc = [str(p) for p in error["loc"] if isinstance(p, int) or str(p).isidentifier()]
+    kind = error["type"]
+    *parents, last = error["loc"] or ("",)
+    # drop pydantic's union-member labels ("function-after[...]", "literal['calibrate']") from the path; the last
+    # element of an unknown or non-string key is the user's own key, shown quoted where it is not a plain word
+    loc = [str(p) for p in parents if isinstance(p, int) or str(p).isidentifier()]
+    if kind in ("extra_forbidden", "invalid_key") and not str(last).isidentifier():
+        loc.append(_shown(last))
+    elif isinstance(last, int) or str(last).isidentifier():
+        loc.append(str(last))
     if len(loc) > 1 and loc[0] == "method" and loc[1] in _METHODS:
         del loc[1]
     field = ".".join(loc) or "(top level)"
-    kind = error["type"]
+    got = error.get("input")
     if kind == "extra_forbidden":
         section = _section_at(loc[:-1], method_name)
         allowed = f"; allowed: {', '.join(section.model_fields)}" if section else ""
         return f"{field}: unknown key{allowed}"
+    if kind == "invalid_key":
+        return f"{field}: a key must be a string (a name)"
+    if kind == "invalid-json-value":  # model.kwargs; the path is cut at pydantic's first 'list'/'dict' label
+        field = ".".join(loc[:next((i for i, p in enumerate(loc) if p in ("list", "dict")), len(loc))])
+        return f"{field}: plain data only: strings, numbers, booleans, null, lists, mappings (got {_shown(got)})"
     if kind == "union_tag_invalid":
         return f"{field}.name: unknown method {error['ctx']['tag']!r}; allowed: {', '.join(_METHODS)}"
     if kind == "value_error":
         message = error['msg'].removeprefix('Value error, ')
         return f"{field}: {message}" if loc else message  # a cross-section check names its fields itself
-    got = error.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    got_text = "" if isinstance(got, dict) else f" (got {_shown(got)})"
     return f"{field}: {error['msg']}{got_text}"
 
 

@@ -5,13 +5,15 @@ Trials = for each variant in file order: the cross product of its axes (its own 
 ones it does not redefine; the last varies fastest) x `num_samples`, distributions drawn from one generator
 seeded with `sample_seed` in trial order (also for variants left out by `--only`, so the others keep their
 values). Overrides apply in the order base recipe, `set`, variant `set`, the trial's axis values, then the
-command line's `-o`; every trial's recipe is validated here, before Ray starts. The tracking URI (recipe,
+command line's `-o`; every trial's recipe is validated here, before Ray starts (at most `MAX_TRIALS`, counted
+before any is built). The tracking URI (recipe,
 else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here) and data paths are made absolute, since Tune
 workers run in their trial folders. A trial is named after its variant and axis values (`dsr_if-T=4-seed=0`).
 """
 
+import copy
 import itertools
-import json
+import math
 import os
 import random
 import re
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.recipe import Recipe, RecipeError, apply_override, validate_recipe
-from harness.sweep.spec import SweepError, SweepSpec, Variant
+from harness.recipe import Recipe, RecipeError, apply_override, set_field, validate_recipe
+from harness.sweep.spec import MAX_TRIALS, Axis, SweepError, SweepSpec, Variant
 from harness.yamlfile import read_yaml
 
 
@@ -42,15 +44,22 @@ def expand(spec: SweepSpec, source: str | Path, overrides: tuple[str, ...] = (),
     if not base_path.is_file():
         raise SweepError(f"recipe: base recipe {spec.recipe!r} not found (looked at {base_path})", file=source)
     base = read_yaml(base_path, "base recipe", RecipeError) or {}
+    if not isinstance(base, dict):
+        raise RecipeError(f"a recipe is a YAML mapping of sections, got {type(base).__name__}", file=base_path)
     variants = spec.variants or {"": Variant()}
     unknown = [name for name in only if name not in variants]
     if unknown:
         raise SweepError(f"--only: unknown variant {unknown[0]!r}; the file has: {', '.join(variants) or '(none)'}",
                          file=source)
+    spaces = {name: _space(spec, variant) for name, variant in variants.items()}
+    count = spec.num_samples * sum(math.prod(len(axis) for axis in space.values() if isinstance(axis, list))
+                                   for space in spaces.values())
+    if count > MAX_TRIALS:
+        raise SweepError(f"space: the grids x num_samples make {count:,} trials; at most {MAX_TRIALS:,}", file=source)
     override_keys = {o.split("=", 1)[0].strip() for o in overrides}
     rng, trials, cwd = random.Random(spec.sample_seed), [], Path.cwd()
     for variant_name, variant in variants.items():
-        space = {**variant.space, **{k: axis for k, axis in spec.space.items() if k not in variant.space}}
+        space = spaces[variant_name]
         clash = sorted(override_keys & set(space))
         if clash:
             raise SweepError(f"-o {clash[0]}: that key is a sweep axis in {source}; drop it from -o or from space")
@@ -63,15 +72,20 @@ def expand(spec: SweepSpec, source: str | Path, overrides: tuple[str, ...] = (),
                 continue
             name = _trial_name(variant_name, values, sample, spec.num_samples)
             where = f"{source} [trial {name}]"
-            raw = json.loads(json.dumps(base))
+            raw = copy.deepcopy(base)
             for key, value in [*spec.set.items(), *variant.set.items(), *values.items()]:
-                apply_override(raw, f"{key}={json.dumps(value)}", source=where)
+                set_field(raw, key, copy.deepcopy(value), f"{where} {key!r}")
             for override in overrides:
                 apply_override(raw, override)
             _absolute_paths(raw, cwd)
             trials.append(Trial(name, variant_name, values, validate_recipe(raw, where)))
-    _check_trials(trials, source)
+    _check_trials(trials, source, spec)
     return trials
+
+
+def _space(spec: SweepSpec, variant: Variant) -> dict[str, Axis]:
+    """A variant's axes: its own first, then the shared ones it does not redefine."""
+    return {**variant.space, **{k: axis for k, axis in spec.space.items() if k not in variant.space}}
 
 
 def describe(trials: list[Trial]) -> str:
@@ -101,25 +115,33 @@ def _trial_name(variant: str, values: dict[str, Any], sample: int, num_samples: 
 
 
 def _absolute_paths(raw: dict, cwd: Path) -> None:
-    """Make the recipe's local paths absolute (Tune workers run in their trial folders)."""
+    """Make the recipe's local paths absolute (Tune workers run in their trial folders). A section or path of
+    the wrong type is left as it is, for validation to name."""
     track, data = raw.setdefault("track", {}), raw.setdefault("data", {})
-    uri = track.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
-        uri = f"sqlite:///{cwd / uri.removeprefix('sqlite:///')}"
-    elif "://" not in uri:
-        uri = str(cwd / uri)
-    track["tracking_uri"] = uri
+    uri = track.get("tracking_uri") if isinstance(track, dict) else None
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if isinstance(track, dict) and isinstance(uri, str):
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+            uri = f"sqlite:///{cwd / uri.removeprefix('sqlite:///')}"
+        elif "://" not in uri:
+            uri = str(cwd / uri)
+        track["tracking_uri"] = uri
     for key in ("root", "train", "val"):
-        if data.get(key) and not Path(data[key]).is_absolute():
-            data[key] = str(cwd / data[key])
+        path = data.get(key) if isinstance(data, dict) else None
+        if path and isinstance(path, str) and not Path(path).is_absolute():
+            data[key] = str(cwd / path)
 
 
-def _check_trials(trials: list[Trial], source: Path) -> None:
+def _check_trials(trials: list[Trial], source: Path, spec: SweepSpec) -> None:
     """At least one trial, no two with one name, all logging to one MLflow experiment."""
-    names = [t.name for t in trials]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise SweepError(f"two trials are both named {duplicate!r}: give them different variants or axes", file=source)
+    seen: set[str] = set()
+    for trial in trials:
+        if trial.name in seen:  # two values of one axis with one label (0.1 and 0.10001 both show as 0.1)
+            own = spec.variants.get(trial.variant, Variant()).space
+            axes = f"variants.{trial.variant}.space" if own else "space"
+            raise SweepError(f"{axes}: two trials are both named {trial.name!r}; give the axes values that differ "
+                             f"in their names", file=source)
+        seen.add(trial.name)
     if not trials:
         raise SweepError("the sweep has no trials", file=source)
     destinations = {(t.recipe.track.tracking_uri, t.recipe.track.experiment) for t in trials}
