@@ -20,7 +20,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", type=click.Path())  # a folder: read_yaml says so, naming it
 @click.option("-o", "--override", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a recipe field, e.g. -o optim.lr=0.05 (repeatable).")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN_DIR]",
@@ -37,6 +37,10 @@ def launch(recipe: str, overrides: tuple[str, ...], resume: str | None, dry_run:
     if dry_run:
         click.echo(recipe_to_yaml(resolved), nl=False)
         return
+    from harness.track import Tracker
+
+    with in_file(recipe):  # an unreachable tracking server: one line in seconds, before the heavy imports
+        Tracker.check(resolved)
     if nproc is not None and nproc > 1:
         from harness.engine.distributed import ProcessInfo, detect_process
         from harness.engine.engines import check_job
@@ -169,7 +173,7 @@ def bench_step(backbone: str, input_shape: str, classes: int, method_names: str,
 
 
 @main.command()
-@click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False))
+@click.argument("sweep_file", metavar="SWEEP", type=click.Path())
 @click.option("--address", default=None, metavar="auto|ray://HOST:PORT",
               help="Join a running Ray cluster; default: start Ray here.")
 @click.option("--dry-run", is_flag=True, help="List the trials and exit.")
@@ -261,20 +265,37 @@ def plot(experiment: str, sweep_id: str | None, metric: str, energy: str, series
     click.echo(f"wrote {path}")
 
 
+@main.command("track-replay")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def track_replay(run_dir: str) -> None:
+    """Send what a run kept in RUN_DIR/tracking-unsent.jsonl (its tracking server was away) to that server,
+    and end the MLflow run as the run ended."""
+    from harness.track import replay_unsent
+
+    done = replay_unsent(run_dir)
+    click.echo(f"replayed {done['metrics']} metrics ({done['entries']} entries) to MLflow run {done['run_id']} at "
+               f"{done['tracking_uri']}; the run ended {done['status']}")
+
+
 def run() -> None:
-    """Entry point: user errors become one line and exit code 2; Ctrl-C (SIGINT) and SIGTERM end runs
-    as KILLED. SIGINT gets Python's handler even where the parent started us with SIGINT ignored (as a
+    """Entry point: user errors become one line and exit code 2 (a non-finite loss or gradient: one line, 3);
+    Ctrl-C (SIGINT) ends a run KILLED (130); during training SIGTERM and SIGUSR1 stop it at the next step
+    boundary with a checkpoint (KILLED, 75: `harness.engine.preemption`), elsewhere SIGTERM ends it at once (143).
+    SIGINT gets Python's handler even where the parent started us with SIGINT ignored (as a
     non-interactive shell does for `cmd &`), so an interrupt always ends the run cleanly."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main(standalone_mode=False)
-    except HarnessError as e:
+    except HarnessError as e:  # bad input: 2; a numerical fault (NonFiniteError): 3
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.BadParameter as e:  # e.g. a directory given as RECIPE: one line, as for all bad input
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(2)

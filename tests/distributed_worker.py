@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from harness.engine import distributed
+from harness.engine.engines import NonFiniteError
 from harness.engine.launch import agree_on_run, process_group
 from harness.engine.loop import Trainer
 from harness.recipe import load_recipe
@@ -64,7 +65,7 @@ def main(mode: str, out: Path, recipe_paths: list[str]) -> None:
                 poison_rank_1(trainer, process, out)
                 try:
                     trainer.fit(Tracker(recipe, enabled=False))
-                except FloatingPointError as error:
+                except NonFiniteError as error:
                     nan_at = float((out / "nan_at").read_text())
                     (out / f"nonfinite.rank{process.rank}.txt").write_text(f"{time.time() - nan_at}\n{error}")
                     raise

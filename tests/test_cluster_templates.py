@@ -9,6 +9,7 @@ import yaml
 
 from harness.cli import main
 from harness.engine.engines.deepspeed import deepspeed_config
+from harness.engine.preemption import PREEMPTED_EXIT_CODE
 from harness.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,17 @@ def test_slurm_script_is_valid_bash_that_rendezvouses_on_the_first_node():
     assert text.startswith("#!/bin/bash\n") and "#SBATCH --nodes=" in text
     assert "scontrol show hostnames" in text and "--rdzv_endpoint \"$head_node:" in text
     assert "-m harness.cli launch" in text and "MLFLOW_TRACKING_URI:?" in text
+
+
+def test_slurm_script_forwards_the_time_limit_warning_and_requeues():
+    """The signal path docs/reliability.md describes: USR1 to the script, passed to the step, forwarded by torchrun
+    to every rank (which checkpoints and exits 75), then a requeue that resumes. (Run by a real SLURM: issue 15.)"""
+    text = (CLUSTER / "slurm" / "ddp_multinode.sbatch").read_text()
+    assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M) and "#SBATCH --requeue" in text
+    assert "trap forward_stop USR1" in text and 'scancel --signal=USR1 "$SLURM_JOB_ID"' in text
+    assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in text and "--shutdown-timeout" in text
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "SLURM_RESTART_COUNT" in text
+    assert f"PREEMPTED_EXIT={PREEMPTED_EXIT_CODE}" in text
 
 
 def test_ray_cluster_yaml_installs_the_project_on_every_node():

@@ -140,7 +140,11 @@ def test_deepspeed_zero2_two_processes_log_one_mlflow_run(tmp_path):
     assert runs[0].data.params["engine.deepspeed.stage"] == "2"
     (run_dir,) = (tmp_path / "runs" / "ds_quick").iterdir()
     state = checkpoint.load(run_dir / checkpoint.LAST)
-    assert state["deepspeed"] == {"tag": "epoch1", "world_size": 2}
+    reference = state["deepspeed"]
+    assert (reference["tag"], reference["world_size"], reference["folder"]) == ("epoch1", 2, "deepspeed")
+    assert sorted(reference["files"]) == sorted(  # every part file of the tag, each with its SHA-256
+        p.relative_to(run_dir / "deepspeed").as_posix() for p in (run_dir / "deepspeed" / "epoch1").rglob("*")
+        if p.is_file())
     assert sorted(p.name for p in (run_dir / "deepspeed" / "epoch1").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
@@ -371,4 +375,47 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path):
     for rank in (0, 1):
         seconds, message = (tmp_path / f"nonfinite.rank{rank}.txt").read_text().split("\n", 1)
         assert float(seconds) < 10, f"rank {rank} stopped {seconds} s after the NaN"
-        assert message.startswith("the loss is not finite at step 3 on rank 1 (NaN or infinity)"), message
+        assert message.startswith("step 4: the loss is not finite (NaN or infinity) on rank 1:"), message
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_ddp_job_stops_every_rank_at_one_step_and_resume_ends_exactly_as_uninterrupted(tmp_path):
+    """SIGTERM to torchrun (as SLURM or Kubernetes preempting the job): torchrun forwards it to both ranks, which
+    agree on the stop at the next step boundary, write one mid-epoch checkpoint and end the MLflow run KILLED;
+    a 2-process `--resume` then ends with every weight equal to an uninterrupted 2-process run's."""
+    path = write_recipe(tmp_path, "preempt", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 2.0}},
+                        data={"batch_size": 32}, optim={"epochs": 2}, engine={"threads": 1})
+    command = [PYTHON, "-m", "harness.cli", "launch", str(path), "--nproc", "2"]
+    straight = subprocess.run(command, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    (straight_dir,) = (tmp_path / "runs" / "preempt").iterdir()
+
+    job = subprocess.Popen(command, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "runs" / "preempt").glob(f"*/{checkpoint.LAST}"))) < 2:  # epoch 1 of this run
+            assert job.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=90)
+    finally:
+        job.kill()
+    assert job.returncode != 0 and "stopped by SIGTERM at step" in output, output[-3000:]
+    (run_dir,) = [p for p in (tmp_path / "runs" / "preempt").iterdir() if p != straight_dir]
+    state = checkpoint.load(run_dir / checkpoint.LAST)
+    assert state["epoch"] == 1 and 0 < state["epoch_step"] < 44, (state["epoch"], state["epoch_step"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(state["mlflow_run_id"]).info.status == "KILLED"
+
+    resumed = subprocess.run([*command, f"--resume={run_dir}"], cwd=tmp_path, env=run_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = checkpoint.load(straight_dir / checkpoint.LAST), checkpoint.load(run_dir / checkpoint.LAST)
+    assert a["step"] == b["step"] == 88  # 2 epochs of 44 steps (1433 samples, global batch 32)
+    different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not different, f"weights differ after a preempted 2-process run resumed: {different[:5]}"
+    assert client.get_run(state["mlflow_run_id"]).info.status == "FINISHED"
+    losses = [[(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
+              for run_id in (a["mlflow_run_id"], b["mlflow_run_id"])]
+    assert losses[0] == losses[1]  # the interrupted epoch's totals, summed over both ranks, survived the stop

@@ -42,3 +42,13 @@ def test_recipes_named_in_readme_exist():
     named = set(re.findall(r"recipes/[\w/.-]+\.yaml", README))
     assert named, "README names no recipe"
     assert not [n for n in named if not (ROOT / n).is_file()]
+
+
+def test_reliability_doc_names_only_tests_that_exist():
+    """docs/reliability.md proves each guarantee with a named test: each name must be a test in tests/."""
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"\b(test_[a-z0-9_]+)\b(?!\.py)", doc))  # not the file names
+    defined = set(re.findall(r"^def (test_[a-z0-9_]+)", "\n".join(
+        p.read_text() for p in (ROOT / "tests").glob("test_*.py")), re.M))
+    assert len(named) >= 20 and not named - defined, f"not tests: {sorted(named - defined)}"
+    assert "[docs/reliability.md](docs/reliability.md)" in README

@@ -111,6 +111,7 @@ def init_process_group(process: ProcessInfo, engine: EngineConfig, device: torch
         raise RecipeError("engine.backend: nccl needs CUDA devices; use gloo or auto on the CPU")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    os.environ.setdefault("LOCAL_RANK", str(process.local_rank))  # DeepSpeed reads it, as a launcher would set it
     dist.init_process_group(backend, init_method=init_method, rank=process.rank, world_size=process.world_size,
                             timeout=datetime.timedelta(seconds=engine.timeout_s))
 

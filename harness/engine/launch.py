@@ -10,9 +10,12 @@ alone picks the run folder (and resolves `--resume`) and broadcasts it, every ra
 (so `output_dir` must be on a file system all nodes share), and rank 0 alone tracks. The job fails as a
 whole: an error on rank 0 before training is raised on every rank; a process that dies fails the
 others' next collective at once (a hung one after `engine.timeout_s`), and the launcher (torchrun) then
-ends the rest with SIGTERM, which a distributed process turns into an error, so the MLflow run ends
-FAILED, not KILLED (one process: SIGTERM still means KILLED). Checkpoints are atomic: the last complete
-one survives. A DeepSpeed run in one process gets a one-process group of its own on 127.0.0.1.
+ends the rest with SIGTERM. During training a first SIGTERM (or SIGUSR1) is a stop request
+(`preemption.py`): every process checkpoints at the next step boundary and exits 75, the MLflow run ends
+KILLED; a second SIGTERM ends the process at once (one process: KILLED, 143; distributed: an error, the
+run ends FAILED), as does a collective with a dead process. Checkpoints are atomic and checksummed: the
+last complete one survives any kill. A DeepSpeed run in one process gets a one-process group of its own
+on 127.0.0.1.
 """
 
 import json
@@ -29,6 +32,7 @@ from harness.engine.build import pick_device
 from harness.engine.distributed import ProcessInfo
 from harness.engine.engines import check_job
 from harness.engine.loop import Trainer
+from harness.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest
 from harness.errors import HarnessError
 from harness.recipe import Recipe, RecipeError, recipe_to_yaml
 from harness.track import Tracker, tracking_uri
@@ -40,7 +44,8 @@ class JobTornDown(RuntimeError):
 
 # Fields that may change between a checkpoint and the recipe that resumes it.
 RESUMABLE_CHANGES = ("engine", "track", "efficiency", "data.workers", "data.root", "data.loader", "data.train",
-                     "data.val", "data.eval_batch_size", "optim.epochs")
+                     "data.val", "data.eval_batch_size", "optim.epochs", "optim.skip_nonfinite",
+                     "optim.max_skips_in_a_row")
 
 
 def _comparable(recipe_dict: dict) -> dict:
@@ -83,7 +88,9 @@ def check_resumable(state: dict, recipe: Recipe, ckpt_path: Path) -> None:
 
 
 def prepare_run(recipe: Recipe, resume: str | None) -> tuple[Path, dict | None]:
-    """The run folder and, when resuming, the checkpoint state (validated against the recipe)."""
+    """The run folder and, when resuming, the checkpoint state (validated against the recipe). First of all,
+    an unreachable tracking store fails the launch (`track.check_reachable`), before anything is built."""
+    Tracker.check(recipe)
     if resume is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(recipe.track.output_dir) / recipe.name / stamp
@@ -96,6 +103,8 @@ def prepare_run(recipe: Recipe, resume: str | None) -> tuple[Path, dict | None]:
     ckpt_path = run_dir / checkpoint.LAST
     state = checkpoint.load(ckpt_path)
     check_resumable(state, recipe, ckpt_path)
+    if state.get("deepspeed"):  # DeepSpeed's own files, checked before DeepSpeed unpickles them
+        checkpoint.verify_files(state["deepspeed"].get("files", {}), run_dir / state["deepspeed"]["folder"])
     return run_dir, state
 
 
@@ -181,16 +190,24 @@ def _train(recipe: Recipe, resume: str | None, process: ProcessInfo, echo, on_ep
     if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-        where = f"resuming at epoch {trainer.epoch}" if state else "new run"
+        where = "new run" if not state else f"resuming at epoch {trainer.epoch}" + (
+            f", step {trainer.epoch_step} of {trainer.iters_per_epoch}" if trainer.epoch_step else "")
         procs = f" x {process.world_size} processes ({recipe.engine.kind})" if process.distributed else ""
         echo(f"{recipe.name}: {where} in {run_dir}; {trainer.iters_per_epoch} steps/epoch on "
              f"{trainer.context.device}{procs}")
         echo(f"data: {trainer.data.note}")
     resume_run_id = state.get("mlflow_run_id") if state else None
     with Tracker(recipe, resume_run_id=resume_run_id, enabled=process.is_main,
-                 parent_run_id=parent_run_id) as tracker:
+                 parent_run_id=parent_run_id, run_dir=run_dir) as tracker:
         start = time.perf_counter()
-        history = trainer.fit(tracker, on_epoch_end=on_epoch_end)
+        try:
+            with StopRequest() as stop:
+                history = trainer.fit(tracker, on_epoch_end=on_epoch_end, stop=stop)
+        except Preempted as stopped:
+            if process.is_main:
+                echo(f"{stopped.message}; continue with: harness launch <recipe> --resume {run_dir} "
+                     f"(exit status {PREEMPTED_EXIT_CODE})")
+            raise
         summary = summarize(trainer, history, time.perf_counter() - start, tracker)
         tracker.log_summary(summary)
     if process.is_main:
@@ -199,5 +216,7 @@ def _train(recipe: Recipe, resume: str | None, process: ProcessInfo, echo, on_ep
              f"after {summary['epochs']} epochs in {summary['wall_time_s']:.1f} s")
         echo(f"MLflow run {summary['mlflow_run_id']} in experiment '{recipe.track.experiment}' at "
              f"{summary['tracking_uri']}  (see it: mlflow ui --backend-store-uri {summary['tracking_uri']})")
+        if tracker.note:  # the tracking server went away during the run
+            echo(tracker.note)
         echo(f"checkpoints: {run_dir}")
     return summary

@@ -7,13 +7,23 @@ per-iteration schedule (`build.py`, `schedule.py`) and the checkpointer (`checkp
 branches on the engine: the engine runs each step, sums over processes and owns its checkpoint part.
 Its own state is three counters (epoch, step, best top-1).
 
-`fit(tracker)` (a new run: the method's `prepare` hook first, e.g. threshold calibration; a resumed one:
-the checkpoint's states) trains the remaining epochs; after each: evaluation on the validation set (top-1,
-top-5 where classes > 5, firing rate of every spiking layer, every threshold, synaptic operations and
-energy, all summed over processes), the method's `extra_eval`, metrics to the tracker, `last.pt` (and
-`best.pt` on a new best). Every epoch's batches are a pure function of (seed, epoch, rank), and in a
-distributed run each rank reseeds its global RNG (dropout) at each epoch from (seed, epoch, rank).
+`fit(tracker, stop=...)` (a new run: the method's `prepare` hook first, e.g. threshold calibration; a
+resumed one: the checkpoint's states) trains the remaining epochs; after each: evaluation on the validation
+set (top-1, top-5 where classes > 5, firing rate of every spiking layer, every threshold, synaptic
+operations and energy, all summed over processes), the method's `extra_eval`, metrics to the tracker,
+`last.pt` (and `best.pt` on a new best). Every epoch's batches are a pure function of (seed, epoch, rank),
+and in a distributed run each rank reseeds its global RNG (dropout) at each epoch from (seed, epoch, rank).
 Rank 0 alone logs and writes; every rank loads the checkpoint on resume.
+
+Mid-epoch checkpoints: every `engine.checkpoint_every` steps, and at the step boundary after a stop request
+(`preemption.StopRequest`: SIGTERM, SIGUSR1; then `Preempted`, exit 75), `last.pt` is written with the steps
+done in the epoch, the epoch's training totals so far and the RNG states of that moment. Resuming one replays
+the epoch's loader up to that step without computing anything (so the data order and every loader worker's
+augmentation stream are those of an uninterrupted run; the cost is reading those batches once more), then
+restores the RNG states: on the CPU the run ends with exactly the weights of an uninterrupted one.
+Non-finite steps: the engine stops the run (`NonFiniteError`), or with `optim.skip_nonfinite` skips them;
+the loop counts them (`train/skipped_steps` per epoch, not in the epoch's loss and accuracy) and gives up after
+`optim.max_skips_in_a_row` in a row.
 """
 
 import time
@@ -29,8 +39,9 @@ from harness import methods
 from harness.engine import checkpoint, distributed
 from harness.engine.build import build_optimizer, pick_device, seed_everything
 from harness.engine.context import RunContext
-from harness.engine.engines import build_engine
+from harness.engine.engines import NonFiniteError, build_engine
 from harness.engine.evaluation import evaluate_outputs, topk_correct
+from harness.engine.preemption import Preempted, StopRequest
 from harness.engine.progress import epoch_bar, epoch_line, progress_bar
 from harness.engine.schedule import build_scheduler
 from harness.recipe import Recipe, RecipeError
@@ -67,7 +78,8 @@ class Trainer:
             torch.set_num_threads(recipe.engine.threads)
         seed_everything(recipe.seed)
         device = pick_device(recipe.engine, self.process)
-        self.engine = build_engine(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, self.process, device)
+        self.engine = build_engine(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, self.process, device,
+                                   skip_nonfinite=recipe.optim.skip_nonfinite)
         try:
             self.data = datasets.build_pipeline(recipe.data, recipe.seed, self.process.rank, self.process.world_size)
         except datasets.DataError as e:  # name the recipe section too
@@ -86,9 +98,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume_state = resume
         self.epoch, self.step, self.best_acc1 = 0, 0, -1.0
+        self.epoch_step, self.skipped_in_a_row = 0, 0  # steps done in the current epoch; non-finite in a row
+        self.pending_rng: dict | None = None  # a resumed run's RNG states, restored where they were saved
+        self.partial_epoch: dict | None = None  # a mid-epoch checkpoint's totals of its epoch so far
         if resume is not None:
             self.epoch, self.step, self.best_acc1 = resume["epoch"], resume["step"], resume["best_acc1"]
-            checkpoint.set_rng_state(resume["rng"])
+            self.epoch_step, self.skipped_in_a_row = resume.get("epoch_step", 0), resume.get("skipped_in_a_row", 0)
+            self.pending_rng, self.partial_epoch = resume["rng"], resume.get("partial_epoch")
         self.mlflow_run_id: str | None = resume.get("mlflow_run_id") if resume else None
         self.started = False
 
@@ -108,30 +124,78 @@ class Trainer:
             self.resume_state = None
         self.started = True
 
-    def train_epoch(self, progress) -> dict[str, float]:
+    def _restore_rng(self) -> None:
+        if self.pending_rng is not None:
+            checkpoint.set_rng_state(self.pending_rng)
+            self.pending_rng = None
+
+    def train_epoch(self, progress, stop: StopRequest | None = None) -> dict[str, float]:
+        """One epoch from `self.epoch_step` on (0 unless resumed mid-epoch); `stop` is polled after each step."""
         self.model.train()
+        if self.epoch_step == 0:  # resumed at an epoch boundary: the states of the end of the last epoch
+            self._restore_rng()
         datasets.set_epoch(self.data.train, self.epoch)
         if self.process.distributed:
             seed_everything(distributed.process_seed(self.recipe.seed, self.epoch, self.process.rank))
         device = self.context.device
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1, samples (this process)
-        start = time.perf_counter()
+        partial, self.partial_epoch = self.partial_epoch or {}, None
+        # loss sum, top-1, samples of this process (steps not skipped); a checkpoint holds them summed over
+        # processes, which rank 0 takes on resume
+        totals = torch.zeros(3, dtype=torch.float64)
+        if "totals" in partial and self.process.is_main:
+            totals = partial["totals"]
+        totals = totals.to(device)
+        skipped, elapsed_before = partial.get("skipped", 0), partial.get("elapsed_s", 0.0)
+        batches = iter(self.data.train)
+        for _ in range(self.epoch_step):  # resumed mid-epoch: replay the loader up to the checkpoint's step
+            next(batches)
+        self._restore_rng()
+        every, start = self.recipe.engine.checkpoint_every, time.perf_counter()
         with epoch_bar(progress, f"epoch {self.epoch + 1}/{self.recipe.optim.epochs}", self.iters_per_epoch,
-                       self.process.world_size) as bar:
-            for x, y in self.data.train:
+                       self.process.world_size, completed=self.epoch_step) as bar:
+            for x, y in batches:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss, logits = self.engine.train_step(x, y, self.step)
+                asked = stop is not None and stop.requested
+                outcome = self.engine.train_step(x, y, self.step + 1, stop_requested=asked)
                 self.step += 1
+                self.epoch_step += 1
                 n = y.shape[0]
-                totals += torch.stack([loss.double() * n, topk_correct(logits, y, 1).double(),
-                                       torch.tensor(n, dtype=torch.float64, device=device)])
-                bar.advance(loss, n)
-        elapsed = time.perf_counter() - start
+                if outcome.skipped:
+                    skipped += 1
+                    self._count_skip()
+                else:
+                    self.skipped_in_a_row = 0
+                    totals += torch.stack([outcome.loss.double() * n, topk_correct(outcome.logits, y, 1).double(),
+                                           torch.tensor(n, dtype=torch.float64, device=device)])
+                bar.advance(outcome.loss, n)
+                # one process stops at the boundary right after the signal; several at the one after they agreed
+                stopping = outcome.stop or (not self.process.distributed and stop is not None and stop.requested)
+                if stopping or (every and self.step % every == 0 and self.epoch_step < self.iters_per_epoch):
+                    self.checkpointer.save(self.engine, self.counters(), self.recipe.model_dump(mode="json"),
+                                           self.mlflow_run_id, partial_epoch={
+                                               "totals": self.context.reduce_sum(totals).cpu(), "skipped": skipped,
+                                               "elapsed_s": elapsed_before + time.perf_counter() - start})
+                if stopping:
+                    by = stop.name if stop is not None and stop.requested else "a signal to another process"
+                    raise Preempted(f"stopped by {by} at step {self.step} (epoch {self.epoch + 1}, step "
+                                    f"{self.epoch_step} of {self.iters_per_epoch}); checkpoint "
+                                    f"{self.run_dir / checkpoint.LAST}")
+        elapsed = elapsed_before + time.perf_counter() - start
+        self.epoch_step = 0
         self.engine.end_epoch()
         loss_sum, correct, seen = self.context.reduce_sum(totals).tolist()
-        return {"train/loss": loss_sum / seen, "train/acc1": 100.0 * correct / seen,
-                "train/img_per_s": seen / elapsed, "time/train_epoch_s": elapsed,
+        seen_or_nan = seen or float("nan")
+        return {"train/loss": loss_sum / seen_or_nan, "train/acc1": 100.0 * correct / seen_or_nan,
+                "train/img_per_s": seen / elapsed, "time/train_epoch_s": elapsed, "train/skipped_steps": skipped,
                 "lr": self.engine.optimizer.param_groups[0]["lr"]}
+
+    def _count_skip(self) -> None:
+        self.skipped_in_a_row += 1
+        limit = self.recipe.optim.max_skips_in_a_row
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteError(f"step {self.step}: {self.skipped_in_a_row} steps in a row had a non-finite loss or "
+                                 f"gradient (optim.max_skips_in_a_row: {limit}); giving up: lower optim.lr or set "
+                                 f"optim.grad_clip; {self.run_dir / checkpoint.LAST} is the last good checkpoint")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -151,18 +215,26 @@ class Trainer:
         return metrics
 
     def counters(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "best_acc1": self.best_acc1}
+        return {"epoch": self.epoch, "step": self.step, "best_acc1": self.best_acc1, "epoch_step": self.epoch_step,
+                "skipped_in_a_row": self.skipped_in_a_row}
 
-    def fit(self, tracker, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> list[dict]:
+    def fit(self, tracker, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+            stop: StopRequest | None = None) -> list[dict]:
         """Train from `self.epoch` to `optim.epochs`, logging to `tracker`; return each epoch's metrics.
 
-        `on_epoch_end(epoch, metrics)` runs after each epoch's checkpoint (e.g. to report to Ray Tune)."""
+        `on_epoch_end(epoch, metrics)` runs after each epoch's checkpoint (e.g. to report to Ray Tune);
+        `stop` (a `StopRequest` entered by the caller) makes the run checkpoint and raise `Preempted` at the next
+        step boundary once requested; the tracker's run gets the tag `stopped`."""
         self.mlflow_run_id = tracker.run_id
         self.start()
         epochs, history = self.recipe.optim.epochs, []
         with progress_bar(self.process.is_main) as progress:
             while self.epoch < epochs:
-                metrics = self.train_epoch(progress)
+                try:
+                    metrics = self.train_epoch(progress, stop)
+                except Preempted as stopped:
+                    tracker.set_tag("stopped", stopped.message)
+                    raise
                 metrics.update(self.evaluate())
                 self.epoch += 1
                 is_best = metrics["test/acc1"] > self.best_acc1
@@ -170,7 +242,7 @@ class Trainer:
                 metrics["test/best_acc1"] = self.best_acc1
                 tracker.log_metrics(metrics, step=self.epoch)
                 self.checkpointer.save(self.engine, self.counters(), self.recipe.model_dump(mode="json"),
-                                       self.mlflow_run_id, is_best)
+                                       self.mlflow_run_id, is_best=is_best)
                 history.append(metrics)
                 if self.process.is_main:
                     progress.console.print(epoch_line(self.epoch, epochs, metrics), soft_wrap=True)

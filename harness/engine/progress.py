@@ -25,9 +25,9 @@ def progress_bar(enabled: bool) -> Progress:
 class EpochBar:
     """One epoch's task on a `Progress`; `advance(loss, samples)` after each step."""
 
-    def __init__(self, progress: Progress, description: str, total: int, world_size: int):
+    def __init__(self, progress: Progress, description: str, total: int, world_size: int, completed: int = 0):
         self.progress, self.world_size = progress, world_size
-        self.task = progress.add_task(description, total=total, speed="", loss="")
+        self.task = progress.add_task(description, total=total, completed=completed, speed="", loss="")
         self.start, self.shown = time.perf_counter(), -REFRESH_S  # the first step is shown at once
         self.samples = 0
 
@@ -43,8 +43,9 @@ class EpochBar:
 
 
 @contextmanager
-def epoch_bar(progress: Progress, description: str, total: int, world_size: int) -> Iterator[EpochBar]:
-    bar = EpochBar(progress, description, total, world_size)
+def epoch_bar(progress: Progress, description: str, total: int, world_size: int,
+              completed: int = 0) -> Iterator[EpochBar]:
+    bar = EpochBar(progress, description, total, world_size, completed)
     try:
         yield bar
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness.engine import checkpoint
 from harness.engine.context import RunContext
 from harness.methods.base import DataInfo, MethodModel, create_backbone
 from harness.recipe import DSRMethod, ModelConfig, RecipeError
@@ -41,10 +42,10 @@ def load_ann_weights(ann: nn.Module, path: str) -> None:
     where = f"method.init.ann_checkpoint: {path}"
     if not Path(path).is_file():
         raise RecipeError(f"{where}: file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
-        raise RecipeError(f"{where}: not a readable torch checkpoint ({type(e).__name__})") from None
+    try:  # a harness checkpoint is verified against its checksum; a plain state dict from elsewhere is accepted
+        state = checkpoint.load(path, require_checksum=False)
+    except checkpoint.CheckpointError as e:
+        raise RecipeError(f"{where}: {e.message}") from None
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise RecipeError(f"{where}: holds no state dict (expected {{'model': state_dict, ...}} or a state dict)")

@@ -15,13 +15,19 @@ Parameter bounds (DSR.md section 3, V <- max(V, V_bound)): after every optimizer
 bounded parameter (`harness.snn.parameter_bounds`) in the copy the optimizer actually updates: the parameter
 itself for local and DDP, DeepSpeed's fp32 master copy (and the working copy) under ZeRO.
 
-Non-finite loss: before its backward every micro-batch's loss is checked on every process with one small
-all-reduce, so all processes stop at the same step with the same message (`NonFiniteLoss`), instead of the
-healthy ones waiting in a collective for the failed one.
+Step health, one small all-reduce and one host read per step (`agree`): whether any process's loss (any
+micro-batch) or the global gradient norm is NaN/infinite, and whether any process was asked to stop
+(preemption). Every process therefore takes the same decision at the same step: stop with one line naming
+the step and the first non-finite tensor (`NonFiniteError`: the loss and the ranks it is bad on, or the
+first parameter whose gradient is bad), or with `optim.skip_nonfinite` skip the optimizer step (gradients
+dropped, the schedule still advances: the batch was consumed) and report it in `StepOutcome.skipped`.
+With fp16 loss scaling an infinite gradient is the scaler's business (it skips the step and lowers the
+scale) and is not a fault.
 """
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +37,29 @@ from torch import nn
 from harness.engine.distributed import ProcessInfo, all_reduce_sum, broadcast_buffers
 from harness.engine.precision import Precision
 from harness.engine.sync_bn import convert_to_global_batchnorm
+from harness.errors import HarnessError
 from harness.recipe import EngineConfig
 from harness.snn import parameter_bounds
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
-class NonFiniteLoss(FloatingPointError):
-    """The loss of a step was NaN or infinite on at least one process."""
+class NonFiniteError(HarnessError):
+    """A step's loss or gradient (or a weight about to be saved) was NaN or infinite: one line, exit code 3."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What `Engine.train_step` did. `loss` (mean over micro-batches) and `logits` are detached fp32 on the
+    device; `skipped`: the step's loss or gradient was not finite and no optimizer step was taken
+    (`optim.skip_nonfinite`); `stop`: some process was asked to stop (agreed by all)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    skipped: bool = False
+    stop: bool = False
 
 
 class Engine(ABC):
@@ -53,8 +74,10 @@ class Engine(ABC):
 
     kind: str
 
-    def __init__(self, cfg: EngineConfig, grad_clip: float | None, process: ProcessInfo, device: torch.device):
+    def __init__(self, cfg: EngineConfig, grad_clip: float | None, process: ProcessInfo, device: torch.device,
+                 skip_nonfinite: bool = False):
         self.cfg, self.grad_clip, self.process, self.device = cfg, grad_clip, process, device
+        self.skip_nonfinite = skip_nonfinite
         self.precision = Precision(cfg.precision, device.type, engine_casts_model=self.kind == "deepspeed")
         self.model: nn.Module | None = None  # the plain model (set by setup)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -77,24 +100,42 @@ class Engine(ABC):
 
     # ------------------------------------------------------------------------------------ stepping
     @abstractmethod
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this process's batch; returns its mean loss and logits (detached, fp32, on
-        the device). `step` is the global step, for messages."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, stop_requested: bool = False) -> StepOutcome:
+        """One optimizer step on this process's batch (or none, if skipped). `step` is the number of this step
+        in the run (1-based), for messages; `stop_requested`: this process was asked to stop (agreed with the
+        others in the outcome)."""
 
     def micro_batches(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         parts = self.cfg.grad_accum
         return list(zip(x.to(self.precision.input_dtype).chunk(parts), y.chunk(parts), strict=True))
 
-    def check_finite(self, loss: torch.Tensor, step: int) -> None:
-        """Raise `NonFiniteLoss` on every process if any process's `loss` is not finite (a collective)."""
-        bad = torch.zeros(self.process.world_size, device=loss.device)
-        bad[self.process.rank] = (~torch.isfinite(loss.detach())).float()
-        bad = all_reduce_sum(bad, self.process)
-        if bool(bad.any()):
-            ranks = ", ".join(str(r) for r in bad.nonzero().flatten().tolist())
-            where = f" on rank {ranks}" if self.process.distributed else ""
-            raise NonFiniteLoss(f"the loss is not finite at step {step}{where} (NaN or infinity): lower optim.lr, "
-                                "set optim.grad_clip, or check the data")
+    def agree(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor | None,
+              stop_requested: bool) -> tuple[bool, bool]:
+        """`(not finite, stop)` as every process sees them (a collective; the step's one host read). Raises
+        `NonFiniteError` on every process when a loss or gradient is not finite and skipping is off."""
+        world = self.process.world_size
+        flags = torch.zeros(world + 2, device=self.device)
+        flags[self.process.rank] = (~torch.isfinite(torch.stack(losses))).any().float()
+        if grad_norm is not None:
+            flags[world] = (~torch.isfinite(grad_norm)).float()
+        flags[world + 1] = float(stop_requested)
+        flags = all_reduce_sum(flags, self.process).tolist()
+        bad_ranks = [r for r in range(world) if flags[r]]
+        bad = bool(bad_ranks) or flags[world] > 0
+        if bad and not self.skip_nonfinite:
+            raise NonFiniteError(self.nonfinite_message(step, bad_ranks))
+        return bad, flags[world + 1] > 0
+
+    def nonfinite_message(self, step: int, bad_ranks: list[int]) -> str:
+        """Names the first non-finite tensor: the loss (and where), else the first parameter whose gradient
+        is bad (slow path, only on failure)."""
+        advice = "lower optim.lr, set optim.grad_clip, or set optim.skip_nonfinite: true to skip such steps"
+        if bad_ranks:
+            where = f" on rank {', '.join(map(str, bad_ranks))}" if self.process.distributed else ""
+            return f"step {step}: the loss is not finite (NaN or infinity){where}: {advice}"
+        name = next((n for n, p in self.model.named_parameters()
+                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "(a parameter on another rank)")
+        return f"step {step}: the gradient of {name} is not finite (NaN or infinity), the loss is finite: {advice}"
 
     def collect_bounds(self, model: nn.Module) -> None:
         self.bounds = parameter_bounds(model)

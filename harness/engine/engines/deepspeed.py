@@ -21,11 +21,13 @@ the clamped master. fp16 at ZeRO stage 0 keeps its master copy out of reach of t
 models with bounded parameters. ZeRO-3 cannot partition 0-dim parameters (DSR thresholds, QCFS clips:
 DeepSpeed views each parameter as bytes) and is refused for models that have them.
 
-Checkpoints: every rank writes its part with `save_checkpoint(<run>/deepspeed, tag="epoch<e>")` (ZeRO
-partitions the optimizer state over ranks), then rank 0 writes `last.pt`, which names the tag, and only
-then deletes older tags: a crash while saving leaves `last.pt` naming a complete, older tag. Resuming
-loads the named tag's module and optimizer states; a ZeRO checkpoint resumes with the number of processes
-that wrote it (DeepSpeed's `ds_to_universal` converts one for another count).
+Checkpoints: every rank writes its part with `save_checkpoint(<run>/deepspeed, tag="epoch<e>[-step<s>]")`
+(ZeRO partitions the optimizer state over ranks), then rank 0 writes `last.pt`, which names the tag and
+holds the SHA-256 of each of its files, and only then deletes older tags: a crash while saving leaves
+`last.pt` naming a complete, older tag. Resuming loads the named tag's module and optimizer states
+(DeepSpeed unpickles its own files: `harness launch --resume` has verified their checksums before anything
+started); a ZeRO checkpoint resumes with the number of processes that wrote it (DeepSpeed's
+`ds_to_universal` converts one for another count).
 """
 
 import json
@@ -40,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.data.pipeline import per_process_batch
-from harness.engine.engines.base import Engine, SchedulerFactory
+from harness.engine.engines.base import Engine, SchedulerFactory, StepOutcome
 from harness.recipe import EngineConfig, RecipeError
 from harness.snn import parameter_bounds
 
@@ -128,7 +130,11 @@ def _scalars_broadcast_by_torch(module: nn.Module) -> Iterator[None]:
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
 
-    def __init__(self, cfg: EngineConfig, grad_clip: float | None, process, device, batch_size: int):
+    def __init__(self, cfg: EngineConfig, grad_clip: float | None, process, device, batch_size: int,
+                 skip_nonfinite: bool = False):
+        if skip_nonfinite:
+            raise RecipeError("optim.skip_nonfinite: not available with engine.kind deepspeed, which steps inside "
+                              "its own engine; use engine.kind ddp, or fp16 (DeepSpeed's loss scaler skips overflows)")
         super().__init__(cfg, grad_clip, process, device)
         self.config = deepspeed_config(cfg, batch_size, grad_clip, process.world_size)
         self.ds = None  # the DeepSpeed engine
@@ -158,18 +164,22 @@ class DeepSpeedEngine(Engine):
         self.optimizer = self.ds.basic_optimizer if own else optimizer
         self.scheduler = make_scheduler(self.optimizer)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, stop_requested: bool = False) -> StepOutcome:
+        """DeepSpeed steps inside its engine, so a micro-batch's loss is checked (with the stop request) before
+        its backward; a gradient that is not finite while the loss is shows up as a non-finite loss at the
+        next step (optim.skip_nonfinite is refused for this engine)."""
         losses, outputs = [], []
+        stop = False
         for x_part, y_part in self.micro_batches(x, y):  # DeepSpeed divides by its accumulation steps
             loss, logits = self.ds(x_part, y_part)
-            self.check_finite(loss, step)
+            _, stop = self.agree(step, [loss.detach().float()], None, stop_requested)
             self.ds.backward(loss)
             self.ds.step()  # steps the optimizer on the last micro-batch only
             losses.append(loss.detach().float())
             outputs.append(logits.detach().float())
         self.scheduler.step()
         self.apply_bounds()
-        return torch.stack(losses).mean(), torch.cat(outputs)
+        return StepOutcome(torch.stack(losses).mean(), torch.cat(outputs), stop=stop)
 
     @torch.no_grad()
     def apply_bounds(self) -> None:
@@ -194,7 +204,7 @@ class DeepSpeedEngine(Engine):
     def checkpoint_state(self, run_dir: Path, tag: str) -> dict[str, Any]:
         self.ds.save_checkpoint(str(run_dir / CHECKPOINT_DIR), tag=tag, save_latest=False)
         return {"model": self.model_state(), "optimizer": {},
-                "deepspeed": {"tag": tag, "world_size": self.process.world_size},
+                "deepspeed": {"tag": tag, "world_size": self.process.world_size, "folder": CHECKPOINT_DIR},
                 "scheduler": self.scheduler.state_dict(), "scaler": {}}
 
     def load_checkpoint_state(self, state: dict[str, Any], run_dir: Path) -> None:

@@ -1,9 +1,12 @@
 """`engine.kind: single`: one process, the plain module, torch autocast and (fp16) a gradient scaler.
 
-A step: zero the gradients; for each of `engine.grad_accum` micro-batches, forward under autocast, check the
-loss (`Engine.check_finite`), backward of loss / grad_accum (scaled under fp16); unscale and clip the global
-gradient norm to `optim.grad_clip`; optimizer step; schedule step; parameter bounds. `DDPEngine` reuses the
-step and only wraps the module and keeps gradients local on all micro-batches but the last.
+A step: zero the gradients; for each of `engine.grad_accum` micro-batches, forward under autocast and
+backward of loss / grad_accum (scaled under fp16); unscale and take the global gradient norm (one fused
+pass); agree with the other processes on the step's health (`Engine.agree`: non-finite loss or gradient,
+stop request); then either clip to `optim.grad_clip`, step the optimizer, step the schedule and apply the
+parameter bounds, or (a non-finite step under `optim.skip_nonfinite`) drop the gradients and only step the
+schedule. `DDPEngine` reuses the step and only wraps the module and keeps gradients local on all
+micro-batches but the last.
 """
 
 from contextlib import nullcontext
@@ -13,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.engine.engines.base import Engine, SchedulerFactory
+from harness.engine.engines.base import Engine, SchedulerFactory, StepOutcome
 from harness.recipe import RecipeError
 
 
@@ -38,7 +41,7 @@ class LocalEngine(Engine):
         """Context of a micro-batch's forward and backward (DDP: no all-reduce before the last)."""
         return nullcontext()
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, stop_requested: bool = False) -> StepOutcome:
         parts = self.micro_batches(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         losses, outputs = [], []
@@ -46,18 +49,28 @@ class LocalEngine(Engine):
             with self.keep_gradients_local(i == len(parts) - 1):
                 with self.precision.autocast():
                     loss, logits = self.train_module(x_part, y_part)
-                self.check_finite(loss, step)
                 self.scaler.scale(loss / len(parts)).backward()
             losses.append(loss.detach().float())
             outputs.append(logits.detach().float())
-        if self.grad_clip:
+        unscaled = bool(self.grad_clip) or not self.precision.scales_loss
+        grad_norm = None
+        if unscaled:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        # under fp16 loss scaling an infinite gradient is the scaler's to handle (it skips the step)
+        bad, stop = self.agree(step, losses, None if self.precision.scales_loss else grad_norm, stop_requested)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            if unscaled and self.precision.scales_loss:
+                self.scaler.update()  # closes the unscale_ above; lowers the scale as after an overflow
+        else:
+            if self.grad_clip:
+                nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.apply_bounds()
         self.scheduler.step()
-        self.apply_bounds()
-        return torch.stack(losses).mean(), torch.cat(outputs)
+        return StepOutcome(torch.stack(losses).mean(), torch.cat(outputs), skipped=bad, stop=stop)
 
     def checkpoint_state(self, run_dir: Path, tag: str) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
