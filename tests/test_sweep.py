@@ -3,10 +3,20 @@
 The real sweep has 5 trials: ann and dsr (T=2) x seeds 0, 1, and one `broken` trial whose batch is larger
 than the training set (launch raises), run with `retries: 1`. The table checks read the same MLflow store.
 Another real sweep runs under a launcher's environment (srun's rank 1 of 2): its trial is still one process.
+Two drills run `harness sweep` as a process of its own: one SIGKILLs a trial's worker process (found by the
+trial's `worker.json`) and the trial is retried from its last checkpoint; one SIGTERMs the sweep after its
+first trial finished, then `--resume` finishes it without running the finished trial again. Both check that
+each trial has exactly one FINISHED run, that no two trials share a run, and that no run is left RUNNING.
 """
 
+import contextlib
+import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -223,3 +233,170 @@ def test_trial_is_one_process_under_a_launchers_environment(tmp_path, base, monk
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
     assert summary["status"] == "FINISHED" and summary["runs"] == {"FINISHED": 1, "FAILED": 0, "KILLED": 0}
     assert len(trials) == 1 and trials[0].info.status == "FINISHED" and "test/acc1" in trials[0].data.metrics
+
+
+# ------------------------------------------------------------------- a killed worker, an interrupted sweep
+DRILL_EPOCHS = 5
+
+
+@contextlib.contextmanager
+def _sweep_process(folder, *args):
+    """`harness sweep ARGS` in `folder` as a process of its own (Ray started there); on the way out one still
+    running gets SIGINT, then SIGKILL to its process group (its Ray processes with it)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "RAY_memory_monitor_refresh_ms": "0"}  # other tenants' memory must not make Ray kill our workers
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(folder / f"sweep-{time.monotonic_ns()}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "sweep", *args], cwd=folder, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log = log.name
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+
+
+def _ended(proc, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"harness sweep still running after {timeout} s; log {proc.log}:\n{_tail(proc.log)}")
+
+
+def _tail(path, lines: int = 40) -> str:
+    return "\n".join(open(path).read().splitlines()[-lines:])
+
+
+def _worker(folder, trial: str) -> dict:
+    """The trial's `worker.json` ({} before its first attempt wrote it)."""
+    found = list(folder.glob(f"runs/sweeps/*/{trial}/worker.json"))
+    return json.loads(found[0].read_text()) if found else {}
+
+
+def _checkpointed(proc, folder, trial: str, timeout: float = 300) -> dict:
+    """Wait until Tune holds a checkpoint of `trial`'s first epoch at least; return its `worker.json`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker = _worker(folder, trial)
+        if (worker.get("tune_checkpoint_epoch") or 0) >= 1:
+            return worker
+        if proc.poll() is not None:
+            pytest.fail(f"harness sweep ended ({proc.returncode}) before {trial} had a checkpoint:\n{_tail(proc.log)}")
+        time.sleep(0.05)
+    pytest.fail(f"no checkpoint of {trial} within {timeout} s:\n{_tail(proc.log)}")
+
+
+def _drill(folder, name: str, max_concurrent: int) -> tuple[str, str]:
+    """Two trials (seeds 0, 1) of DRILL_EPOCHS epochs, FIFO, one retry; the sweep file and tracking URI."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    write(folder / "base.yaml", {**BASE, "optim": {**BASE["optim"], "epochs": DRILL_EPOCHS},
+                                 "track": {"experiment": "sweeps", "tracking_uri": uri}})
+    sweep = write(folder / f"{name}.yaml", {
+        "name": name, "recipe": "base.yaml", "space": {"seed": [0, 1]}, "scheduler": {"kind": "fifo"},
+        "resources": {"cpu": 1}, "max_concurrent": max_concurrent, "retries": 1})
+    return sweep, uri
+
+
+def _sweep_runs(uri: str, folder, name: str) -> tuple[object, dict[str, list]]:
+    """The sweep's parent run, and its child runs by trial name; none of them RUNNING (the sweep has ended)."""
+    (sweep_id,) = [p.name for p in (folder / "ray_results").glob(f"{name}-*")]
+    runs = _runs(uri, sweep_id)
+    assert not [r.data.tags.get("sweep.trial", "parent") for r in runs if r.info.status == "RUNNING"]
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children: dict[str, list] = {}
+    for run in runs:
+        if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id:
+            children.setdefault(run.data.tags["sweep.trial"], []).append(run)
+    assert len(runs) == 1 + sum(len(c) for c in children.values())  # every run of the sweep is parent or child
+    return parent, children
+
+
+def _epochs_logged(uri: str, run_id: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "test/acc1"))
+
+
+def _history(uri: str, run_id: str) -> dict[str, list[tuple]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    return {key: sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
+            for key in run.data.metrics}
+
+
+def _assert_resumed_once(epochs: list[int], checkpointed: int) -> None:
+    """Every epoch logged; those up to the checkpoint the retry resumed from exactly once (not retrained); a
+    later one at most twice (finished and logged by the lost attempt before Tune took its checkpoint)."""
+    assert sorted(set(epochs)) == list(range(1, DRILL_EPOCHS + 1)), epochs
+    assert all(epochs.count(e) == 1 for e in range(1, checkpointed + 1)), epochs
+    assert all(epochs.count(e) <= 2 for e in set(epochs)), epochs
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried_from_its_last_checkpoint(tmp_path):
+    """SIGKILL the worker process of one of two concurrent trials once Tune holds its epoch-1 checkpoint: the
+    trial is retried, resumes from that checkpoint in the same MLflow run, and the sweep ends FINISHED."""
+    sweep, uri = _drill(tmp_path, "kill", max_concurrent=2)
+    with _sweep_process(tmp_path, sweep, "--num-cpus", "2") as proc:
+        before = _checkpointed(proc, tmp_path, "seed=0")
+        os.kill(before["pid"], signal.SIGKILL)
+        assert _ended(proc, 300) == 0, _tail(proc.log)
+    after = _worker(tmp_path, "seed=0")
+    assert after["attempt"] == 1 and after["pid"] != before["pid"]
+    assert after["resumed_at_epoch"] >= before["tune_checkpoint_epoch"] >= 1
+    assert list(tmp_path.glob("runs/sweeps/*/seed=0/digits_sweep/restored-*/last.pt"))
+    parent, children = _sweep_runs(uri, tmp_path, "kill")
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep.runs_finished"] == "2"
+    assert sorted(children) == ["seed=0", "seed=1"]
+    assert all(len(runs) == 1 and runs[0].info.status == "FINISHED" for runs in children.values())
+    (killed,), (other,) = children["seed=0"], children["seed=1"]
+    assert killed.info.run_id == after["resumed_run_id"] != other.info.run_id  # the same run continued
+    assert killed.data.tags["resumed"] == "true" and killed.data.tags["sweep.attempt"] == "1"
+    assert "resumed" not in other.data.tags and _worker(tmp_path, "seed=1")["attempt"] == 0
+    _assert_resumed_once(_epochs_logged(uri, killed.info.run_id), after["resumed_at_epoch"])
+    assert _epochs_logged(uri, other.info.run_id) == list(range(1, DRILL_EPOCHS + 1))
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    """SIGTERM `harness sweep` while its second trial (one at a time) trains, the first one FINISHED: the parent
+    ends KILLED, nothing RUNNING; `--resume` continues the second trial's run from its checkpoint and leaves
+    the first one alone (same run, same metric history, no new attempt)."""
+    sweep, uri = _drill(tmp_path, "intr", max_concurrent=1)
+    with _sweep_process(tmp_path, sweep, "--num-cpus", "2") as proc:
+        cut = _checkpointed(proc, tmp_path, "seed=1")
+        proc.send_signal(signal.SIGTERM)
+        assert _ended(proc, 120) == 130, _tail(proc.log)
+    assert "interrupted; continue with: harness sweep" in open(proc.log).read()
+    parent, children = _sweep_runs(uri, tmp_path, "intr")
+    assert parent.info.status == "KILLED" and parent.data.tags["sweep.runs_killed"] == "1"
+    (finished,), (interrupted,) = children["seed=0"], children["seed=1"]
+    assert finished.info.status == "FINISHED"
+    assert interrupted.info.status == "KILLED" and interrupted.data.tags["sweep.stopped"] == "interrupted"
+    finished_history, finished_worker = _history(uri, finished.info.run_id), _worker(tmp_path, "seed=0")
+    assert finished_worker["attempt"] == 0
+
+    with _sweep_process(tmp_path, sweep, "--num-cpus", "2", "--resume") as proc:
+        assert _ended(proc, 300) == 0, _tail(proc.log)
+    resumed_parent, children = _sweep_runs(uri, tmp_path, "intr")
+    assert resumed_parent.info.run_id == parent.info.run_id and resumed_parent.info.status == "FINISHED"
+    assert {k: resumed_parent.data.tags[f"sweep.runs_{k}"] for k in ("finished", "failed", "killed")} == {
+        "finished": "2", "failed": "0", "killed": "0"}
+    assert all(len(runs) == 1 and runs[0].info.status == "FINISHED" for runs in children.values())
+    (kept,), (continued,) = children["seed=0"], children["seed=1"]
+    assert kept.info.run_id == finished.info.run_id and kept.info.end_time == finished.info.end_time
+    assert _history(uri, kept.info.run_id) == finished_history and _worker(tmp_path, "seed=0") == finished_worker
+    assert kept.data.tags["sweep.attempt"] == "0" and "resumed" not in kept.data.tags
+    worker = _worker(tmp_path, "seed=1")
+    assert continued.info.run_id == interrupted.info.run_id == worker["resumed_run_id"]
+    assert continued.data.tags["resumed"] == "true" and worker["attempt"] == 1
+    assert worker["resumed_at_epoch"] >= cut["tune_checkpoint_epoch"] >= 1
+    _assert_resumed_once(_epochs_logged(uri, continued.info.run_id), worker["resumed_at_epoch"])

@@ -15,7 +15,8 @@ num_samples: 1                        # draws per grid point
 scheduler: {kind: asha, metric: test/acc1, mode: max, grace_period: 1}
 resources: {cpu: 1, gpu: 0}           # per trial
 max_concurrent: 2
-retries: 1                            # re-runs of a failed trial (Tune's FailureConfig.max_failures)
+retries: 1                            # re-runs of a trial that failed or whose worker died, from its
+                                      #   last checkpoint (Tune's FailureConfig.max_failures)
 storage: ray_results                  # Tune's experiment folders (a shared path on a cluster)
 ```
 Methods are a discriminated union in the recipe, so switching `method.name` needs a whole method section:
@@ -23,8 +24,8 @@ a dotted key whose value is a mapping replaces that section, which is what varia
 without `T` (the ANN) simply has no `method.T` axis: it runs once per seed, not once per T.
 
 The parts: `spec` (the file's schema), `plan` (the trials it expands to, what `--dry-run` lists), `trial`
-(the Tune trainable: one `launch`, one MLflow run) and `driver` (parent run, Ray, Tune, how runs end,
-`--resume`).
+(the Tune trainable: one `launch`, one MLflow run, its `worker.json`) and `driver` (parent run, Ray, Tune,
+how runs end, SIGINT/SIGTERM, `--resume`).
 """
 
 from harness.sweep.driver import Sweep, connect_ray, run_sweep

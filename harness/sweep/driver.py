@@ -7,9 +7,14 @@ tags, its run name, its own output folder and `engine.threads` set to the trial'
 When Tune's scheduler stops a trial early, or the sweep is interrupted, the trial's run ends KILLED (tag
 `sweep.stopped`: early / interrupted). The parent run ends FINISHED (every trial finished or was stopped
 early), FAILED (a trial still failed after its retries, or the driver failed) or KILLED (interrupted:
-trials left to run), with the counts of its runs as tags. `--resume` reopens it and restores the Tune
-experiment from the state file, as it was started: unfinished and errored trials continue from their last
-checkpoints, finished ones are kept.
+trials left to run), with the counts of its runs as tags. Ctrl-C (SIGINT) and SIGTERM both stop the sweep the
+way Tune stops on Ctrl-C: it saves the experiment's state one last time, so each trial is kept as it was
+(finished, or to continue from its last checkpoint); a second signal stops it at once. A signal that comes
+while the runs are being ended waits until they are, so no run is left RUNNING. `--resume` reopens the
+parent and restores the Tune experiment from the state file, as it was started: unfinished and errored
+trials continue from their last checkpoints (their MLflow runs continue), finished ones are not run again.
+A trial whose worker process dies (killed, out of memory, node lost) is retried up to `retries` times, from
+its last checkpoint.
 Without `--address` Ray starts locally; `--address auto|ray://host:port` joins a running cluster (the
 tracking URI must then be reachable from every node: an MLflow server, or sqlite on a shared disk).
 Ray and MLflow are imported where they are used, so that expanding a sweep (`--dry-run`) stays light.
@@ -17,7 +22,11 @@ Ray and MLflow are imported where they are used, so that expanding a sweep (`--d
 
 import json
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +84,7 @@ def run_sweep(sweep_file: str | Path, overrides: tuple[str, ...] = (), only: tup
         from harness import track
 
         sweep = Sweep.load(_latest_experiment_dir(storage, spec.name) if resume == "latest" else Path(resume))
+        track.check_reachable(sweep.track["tracking_uri"])  # fails in seconds, before Ray starts
         track.reopen_run(sweep.track["tracking_uri"], sweep.parent_run_id)
     else:
         sweep = _start(spec, sweep_file, expand(spec, sweep_file, overrides, only), storage)
@@ -88,17 +98,21 @@ def run_sweep(sweep_file: str | Path, overrides: tuple[str, ...] = (), only: tup
                 raise SweepError(f"--resume: {sweep.experiment_dir} holds no Tune experiment state to restore")
         echo(f"sweep {sweep.sweep_id}: {len(sweep.trials)} trials; MLflow parent run {sweep.parent_run_id}; "
              f"Tune folder {sweep.experiment_dir}")
-        _tuner(sweep, restore=bool(resume)).fit()
+        with _sigterm_as_interrupt():
+            _tuner(sweep, restore=bool(resume)).fit()
         ended = None
     except (KeyboardInterrupt, SystemExit):
         ended = "KILLED"
         raise
     finally:
-        if started:  # stops trials still running (an interrupt leaves them) before their runs are ended
-            import ray
+        from harness.track import signals_held
 
-            ray.shutdown()
-        summary = _finish(sweep, ended)
+        with signals_held():  # a second Ctrl-C or SIGTERM does not leave runs RUNNING
+            if started:  # stops trials still running (an interrupt leaves them) before their runs are ended
+                import ray
+
+                ray.shutdown()
+            summary = _finish(sweep, ended)
     return summary
 
 
@@ -124,24 +138,29 @@ def _start(spec: SweepSpec, sweep_file: Path, trials: list[Trial], storage: Path
 
     sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri, experiment = trials[0].recipe.track.tracking_uri, trials[0].recipe.track.experiment
+    track.check_reachable(uri)  # fails in seconds, before the parent run and Ray start
     tags = {"sweep.id": sweep_id, "sweep.name": spec.name, "sweep.role": "parent",
             "sweep.trials": str(len(trials)), "sweep.scheduler": spec.scheduler.kind}
     parent_run_id = track.create_run(uri, experiment, sweep_id, tags)
-    track.log_text(uri, parent_run_id, sweep_file.read_text(), "sweep.yaml")
-    track.log_text(uri, parent_run_id, describe(trials) + "\n", "trials.txt")
-    configs = {}
-    for trial in trials:
-        recipe = trial.recipe
-        recipe.track.tags = {**recipe.track.tags, "sweep.id": sweep_id, "sweep.name": spec.name,
-                             "sweep.variant": trial.variant, "sweep.trial": trial.name}
-        recipe.track.run_name = trial.name
-        recipe.track.output_dir = str(Path(recipe.track.output_dir).resolve() / "sweeps" / sweep_id / trial.name)
-        if recipe.engine.threads is None:
-            recipe.engine.threads = max(1, int(spec.resources.cpu))
-        configs[trial.name] = {"variant": trial.variant, "source": str(sweep_file), "parent_run_id": parent_run_id,
-                               "recipe": recipe.model_dump(mode="json")}
-    sweep = Sweep(sweep_id, parent_run_id, spec, configs, storage / sweep_id)
-    sweep.save()
+    try:
+        track.log_text(uri, parent_run_id, sweep_file.read_text(), "sweep.yaml")
+        track.log_text(uri, parent_run_id, describe(trials) + "\n", "trials.txt")
+        configs = {}
+        for trial in trials:
+            recipe = trial.recipe
+            recipe.track.tags = {**recipe.track.tags, "sweep.id": sweep_id, "sweep.name": spec.name,
+                                 "sweep.variant": trial.variant, "sweep.trial": trial.name}
+            recipe.track.run_name = trial.name
+            recipe.track.output_dir = str(Path(recipe.track.output_dir).resolve() / "sweeps" / sweep_id / trial.name)
+            if recipe.engine.threads is None:
+                recipe.engine.threads = max(1, int(spec.resources.cpu))
+            configs[trial.name] = {"variant": trial.variant, "source": str(sweep_file), "parent_run_id": parent_run_id,
+                                   "recipe": recipe.model_dump(mode="json")}
+        sweep = Sweep(sweep_id, parent_run_id, spec, configs, storage / sweep_id)
+        sweep.save()
+    except BaseException as error:  # interrupted or failed before the state file names the parent run
+        track.end_run(uri, parent_run_id, "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
     return sweep
 
 
@@ -183,30 +202,45 @@ def _tune_trial_dirname(trial) -> str:
 
 
 def _trial_statuses(sweep: Sweep) -> dict[str, str]:
-    """Tune's status of every trial as the experiment was last saved (TERMINATED, ERROR, PENDING, ...)."""
+    """Tune's status of every trial as the experiment was last saved (TERMINATED, ERROR, PENDING, RUNNING, ...);
+    none if Tune saved no state (the driver failed before it started)."""
+    from ray import tune
     from ray.tune import ExperimentAnalysis
 
+    if not tune.Tuner.can_restore(str(sweep.experiment_dir)):
+        return {}
     return {t.config["trial"]: t.status for t in ExperimentAnalysis(str(sweep.experiment_dir)).trials}
 
 
 def _finish(sweep: Sweep, ended: str | None) -> dict[str, Any]:
-    """End the sweep's runs that were stopped rather than failed as KILLED (still RUNNING: stopped early by
-    the scheduler or cut off; FAILED without the `sweep.error` a raising trial sets: its worker was shut
-    down), then the parent: `ended` if given (the driver failed), else KILLED if trials are left to run
-    (interrupted), FAILED if a trial errored after its retries, FINISHED otherwise (early stops included)."""
+    """End the sweep's runs that are left, then the parent; return the summary.
+
+    A run still RUNNING, or FAILED without the `sweep.error` a raising trial sets (its worker was shut down),
+    ends KILLED, and gets the tag `sweep.stopped` as does a run its worker ended KILLED when Tune stopped it:
+    `early` if Tune ended its trial (the scheduler stopped it), `interrupted` if the trial was left to run. A
+    RUNNING run of a trial that errored after its retries (its worker died) ends FAILED with `sweep.error`.
+    The parent ends `ended` if given (the driver failed, or was interrupted at once), else KILLED if trials are
+    left to run (interrupted), FAILED if a trial errored after its retries, FINISHED otherwise (early stops
+    included)."""
     from harness import track
 
-    statuses = _trial_statuses(sweep) if ended is None else {}
-    left = [name for name, status in statuses.items() if status not in ("TERMINATED", "ERROR")]
-    failed = [name for name, status in statuses.items() if status == "ERROR"]
+    statuses = _trial_statuses(sweep)
+    left = [name for name in sweep.trials if statuses.get(name) not in ("TERMINATED", "ERROR")]
+    failed = [name for name in sweep.trials if statuses.get(name) == "ERROR"]
     ended = ended or ("KILLED" if left else "FAILED" if failed else "FINISHED")
     uri, experiment = sweep.track["tracking_uri"], sweep.track["experiment"]
     children = {"mlflow.parentRunId": sweep.parent_run_id}
     for run in track.find_runs(uri, experiment, children):
-        stopped = run.status == "FAILED" and "sweep.error" not in run.tags
-        if run.status == "RUNNING" or stopped:
-            cut_off = ended == "KILLED" and run.tags.get("sweep.trial") in left
-            track.set_tags(uri, run.run_id, {"sweep.stopped": "interrupted" if cut_off else "early"})
+        status = statuses.get(run.tags.get("sweep.trial", ""))
+        if run.status == "RUNNING" and status == "ERROR":
+            track.set_tags(uri, run.run_id, {"sweep.error": "its worker process died and the trial has no retries "
+                                                            "left"})
+            track.end_run(uri, run.run_id, "FAILED")
+            continue
+        cut = run.status == "RUNNING" or (run.status == "FAILED" and "sweep.error" not in run.tags)
+        if cut or (run.status == "KILLED" and "sweep.stopped" not in run.tags):  # KILLED: by its stopped worker
+            track.set_tags(uri, run.run_id, {"sweep.stopped": "early" if status == "TERMINATED" else "interrupted"})
+        if cut:
             track.end_run(uri, run.run_id, "KILLED")
     runs = track.find_runs(uri, experiment, children)
     counts = {status: sum(r.status == status for r in runs) for status in ("FINISHED", "FAILED", "KILLED")}
@@ -222,3 +256,25 @@ def _latest_experiment_dir(storage: Path, name: str) -> Path:
     if not found:
         raise SweepError(f"--resume: no sweep {name!r} to resume under {storage}/ (no {name}-*/{STATE_FILE})")
     return found[-1].parent
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM (a scheduler, `kill`, Kubernetes) stops the Tune loop as Ctrl-C does: Tune saves
+    the experiment's state one last time and returns, so that `--resume` sees each trial as it was. Main
+    thread only (elsewhere signals cannot arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, frame) -> None:
+        handler = signal.getsignal(signal.SIGINT)  # Tune's while its loop runs: the first stops it gracefully
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
