@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
+from runhelpers import digits_recipe, launch_and_stop
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from harness.data import DataError
@@ -45,22 +45,9 @@ requires_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is
 
 
 def write_recipe(tmp_path: Path, name: str, method: dict, **sections) -> Path:
-    recipe = {
-        "name": name, "seed": 0,
-        "data": {"dataset": "digits", "batch_size": 64, "workers": 0},
-        "model": {"backbone": "snn_convnet"},
-        "method": method,
-        "optim": {"name": "sgd", "lr": 0.02, "momentum": 0.0, "epochs": 1, "warmup_iters": 0,
-                  "schedule": "constant"},
-        "engine": {"kind": "ddp", "sync_bn": True, "timeout_s": 60},
-        "track": {"experiment": "dist", "output_dir": str(tmp_path / "runs"),
-                  "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    }
-    for section, values in sections.items():
-        recipe[section].update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return digits_recipe(tmp_path, name, method, {
+        "experiment": "dist", "engine": {"kind": "ddp", "sync_bn": True, "timeout_s": 60},
+        "optim": {"lr": 0.02, "momentum": 0.0, "epochs": 1, "warmup_iters": 0, "schedule": "constant"}}, sections)
 
 
 def run_env() -> dict[str, str]:
@@ -390,18 +377,8 @@ def test_sigterm_to_a_ddp_job_stops_every_rank_at_one_step_and_resume_ends_exact
     assert straight.returncode == 0, straight.stderr[-3000:]
     (straight_dir,) = (tmp_path / "runs" / "preempt").iterdir()
 
-    job = subprocess.Popen(command, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(list((tmp_path / "runs" / "preempt").glob(f"*/{checkpoint.LAST}"))) < 2:  # epoch 1 of this run
-            assert job.poll() is None and time.monotonic() < deadline, "no first checkpoint"
-            time.sleep(0.05)
-        job.send_signal(signal.SIGTERM)
-        output, _ = job.communicate(timeout=90)
-    finally:
-        job.kill()
-    assert job.returncode != 0 and "stopped by SIGTERM at step" in output, output[-3000:]
+    job = launch_and_stop(command, tmp_path, tmp_path / "runs" / "preempt", checkpoints=2, env=run_env())
+    assert job.returncode != 0 and "stopped by SIGTERM at step" in job.output, job.output[-3000:]
     (run_dir,) = [p for p in (tmp_path / "runs" / "preempt").iterdir() if p != straight_dir]
     state = checkpoint.load(run_dir / checkpoint.LAST)
     assert state["epoch"] == 1 and 0 < state["epoch_step"] < 44, (state["epoch"], state["epoch_step"])

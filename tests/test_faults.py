@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
+from runhelpers import digits_recipe, launch_and_stop
 
 from harness.cli import run
 from harness.engine import checkpoint
@@ -33,21 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_recipe(tmp_path: Path, name: str = "faults", method: dict | None = None, **sections) -> Path:
-    recipe = {
-        "name": name, "seed": 1,
-        "data": {"dataset": "digits", "batch_size": 64, "workers": 0},
-        "model": {"backbone": "snn_convnet"},
-        "method": method or {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 2.0}},
-        "optim": {"name": "sgd", "lr": 0.05, "epochs": 2, "warmup_iters": 3},
-        "engine": {"threads": 1},
-        "track": {"experiment": "faults", "output_dir": str(tmp_path / "runs"),
-                  "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    }
-    for section, values in sections.items():
-        recipe[section].update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return digits_recipe(tmp_path, name, method or {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 2.0}},
+                         {"seed": 1, "experiment": "faults", "engine": {"threads": 1},
+                          "optim": {"lr": 0.05, "epochs": 2, "warmup_iters": 3}}, sections)
 
 
 def mlflow_runs(tmp_path: Path):
@@ -394,23 +382,6 @@ requires_deepspeed = pytest.mark.skipif(__import__("importlib").util.find_spec("
                                         reason="the deepspeed extra is not installed (EXTRAS=dev)")
 
 
-def launch_and_stop(command: list[str], cwd: Path, run_root: Path, checkpoints: int = 1) -> str:
-    """Start `harness launch`, SIGTERM it once `checkpoints` last.pt files exist under `run_root`; its output."""
-    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while len(list(run_root.glob(f"*/{checkpoint.LAST}"))) < checkpoints:
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
-    return output
-
-
 @pytest.mark.slow
 @requires_deepspeed
 def test_deepspeed_resumes_mid_epoch_exactly_and_refuses_a_corrupted_part(tmp_path):
@@ -424,7 +395,8 @@ def test_deepspeed_resumes_mid_epoch_exactly_and_refuses_a_corrupted_part(tmp_pa
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (straight_dir,) = run_root.iterdir()
-    launch_and_stop(command, tmp_path, run_root, checkpoints=2)
+    stopped = launch_and_stop(command, tmp_path, run_root, checkpoints=2)
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.output[-3000:]
     (run_dir,) = [p for p in run_root.iterdir() if p != straight_dir]
     state = checkpoint.load(run_dir / checkpoint.LAST)
     files, tag = state["deepspeed"]["files"], state["deepspeed"]["tag"]
