@@ -5,7 +5,7 @@
 and loss built from `model`, `method` and what the data says (`harness.methods`), the optimizer and the
 per-iteration schedule (`build.py`, `schedule.py`) and the checkpointer (`checkpoint.py`). It never
 branches on the engine: the engine runs each step, sums over processes and owns its checkpoint part.
-Its own state is three counters (epoch, step, best top-1).
+Its own state is a few counters (epoch, step, step in the epoch, best top-1, non-finite steps in a row).
 
 `fit(tracker, stop=...)` (a new run: the method's `prepare` hook first, e.g. threshold calibration; a
 resumed one: the checkpoint's states) trains the remaining epochs; after each: evaluation on the validation
@@ -131,6 +131,7 @@ class Trainer:
 
     def train_epoch(self, progress, stop: StopRequest | None = None) -> dict[str, float]:
         """One epoch from `self.epoch_step` on (0 unless resumed mid-epoch); `stop` is polled after each step."""
+        stop = stop or StopRequest()  # not entered: never requested
         self.model.train()
         if self.epoch_step == 0:  # resumed at an epoch boundary: the states of the end of the last epoch
             self._restore_rng()
@@ -155,8 +156,7 @@ class Trainer:
                        self.process.world_size, completed=self.epoch_step) as bar:
             for x, y in batches:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                asked = stop is not None and stop.requested
-                outcome = self.engine.train_step(x, y, self.step + 1, stop_requested=asked)
+                outcome = self.engine.train_step(x, y, self.step + 1, stop_requested=stop.requested)
                 self.step += 1
                 self.epoch_step += 1
                 n = y.shape[0]
@@ -169,14 +169,14 @@ class Trainer:
                                            torch.tensor(n, dtype=torch.float64, device=device)])
                 bar.advance(outcome.loss, n)
                 # one process stops at the boundary right after the signal; several at the one after they agreed
-                stopping = outcome.stop or (not self.process.distributed and stop is not None and stop.requested)
+                stopping = outcome.stop or (stop.requested and not self.process.distributed)
                 if stopping or (every and self.step % every == 0 and self.epoch_step < self.iters_per_epoch):
                     self.checkpointer.save(self.engine, self.counters(), self.recipe.model_dump(mode="json"),
                                            self.mlflow_run_id, partial_epoch={
                                                "totals": self.context.reduce_sum(totals).cpu(), "skipped": skipped,
                                                "elapsed_s": elapsed_before + time.perf_counter() - start})
                 if stopping:
-                    by = stop.name if stop is not None and stop.requested else "a signal to another process"
+                    by = stop.name if stop.requested else "a signal to another process"
                     raise Preempted(f"stopped by {by} at step {self.step} (epoch {self.epoch + 1}, step "
                                     f"{self.epoch_step} of {self.iters_per_epoch}); checkpoint "
                                     f"{self.run_dir / checkpoint.LAST}")
