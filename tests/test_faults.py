@@ -202,7 +202,7 @@ def test_a_preempted_run_resumes_mid_epoch_to_exactly_the_uninterrupted_weights(
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     resumed = launch(load_recipe(path), resume=str(run_dir), echo=lines.append)
-    assert any("resuming at epoch 1, step 8 of 22" in line for line in lines)
+    assert any("resuming in epoch 2 at step 8 of 22" in line for line in lines)
     assert_same_final_state(straight["run_dir"], resumed["run_dir"])
     assert client.get_run(killed.info.run_id).info.status == "FINISHED"
     history = client.get_metric_history(killed.info.run_id, "train/loss")

@@ -190,8 +190,9 @@ def _train(recipe: Recipe, resume: str | None, process: ProcessInfo, echo, on_ep
     if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-        where = "new run" if not state else f"resuming at epoch {trainer.epoch}" + (
-            f", step {trainer.epoch_step} of {trainer.iters_per_epoch}" if trainer.epoch_step else "")
+        where = "new run" if not state else f"resuming after epoch {trainer.epoch}"
+        if state and trainer.epoch_step:  # the same 1-based epoch the stop message named
+            where = f"resuming in epoch {trainer.epoch + 1} at step {trainer.epoch_step} of {trainer.iters_per_epoch}"
         procs = f" x {process.world_size} processes ({recipe.engine.kind})" if process.distributed else ""
         echo(f"{recipe.name}: {where} in {run_dir}; {trainer.iters_per_epoch} steps/epoch on "
              f"{trainer.context.device}{procs}")
