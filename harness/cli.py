@@ -172,6 +172,36 @@ def bench_step(backbone: str, input_shape: str, classes: int, method_names: str,
                    Path(out_dir), echo=click.echo)
 
 
+@bench.command("backward")
+@click.argument("recipe", type=click.Path())
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a recipe field (repeatable).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="A checkpoint (last.pt, best.pt) of this recipe's model; default: fresh weights.")
+@click.option("--label", default=None, help="Names the result file; default: 'init', or the checkpoint's folder.")
+@click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True, help="Training batches.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="results/bench", show_default=True)
+def bench_backward(recipe: str, overrides: tuple[str, ...], weights: str | None, label: str | None, batches: int,
+                   out_dir: str) -> None:
+    """Per-parameter cosine similarity of DSR's representation backward to the exact one (a DSR recipe)."""
+    import json
+    from pathlib import Path
+
+    from harness.bench import gradient_agreement
+    from harness.recipe import load_recipe
+
+    result = gradient_agreement(load_recipe(recipe, overrides), Path(weights) if weights else None, batches)
+    for row in result["batches"][0]["parameters"]:
+        click.echo(f"{row['parameter']:<40} cosine {row['cosine']:.6f}  relative difference "
+                   f"{row['relative_difference']:.2e}")
+    label = label or (Path(weights).parent.name if weights else "init")
+    path = Path(out_dir) / f"backward_{result['recipe']}_{label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    click.echo(f"min cosine {result['min_cosine']:.6f} over {batches} batch(es); all parameters "
+               f"{result['batches'][0]['all_parameters_cosine']:.6f}; wrote {path}")
+
+
 @main.command()
 @click.argument("sweep_file", metavar="SWEEP", type=click.Path())
 @click.option("--address", default=None, metavar="auto|ray://HOST:PORT",

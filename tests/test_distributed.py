@@ -100,16 +100,21 @@ def assert_two_processes_match_one(tmp_path: Path, paths: list[Path]) -> None:
 def test_ddp_two_processes_match_one_process_thresholds_included(tmp_path):
     assert_two_processes_match_one(tmp_path, [
         write_recipe(tmp_path, "eq_ann", {"name": "ann"}),
-        write_recipe(tmp_path, "eq_dsr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}})])
+        write_recipe(tmp_path, "eq_dsr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}}),
+        write_recipe(tmp_path, "eq_dsr_repr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0},
+                                               "backward": "representation"})])
 
 
 @pytest.mark.slow
 @requires_deepspeed
 def test_deepspeed_zero2_two_processes_match_one_process_thresholds_included(tmp_path):
-    """The same recipe under DeepSpeed ZeRO-2 (fp32, the recipe's torch SGD, global-batch BN) on 2 processes."""
+    """The same recipe under DeepSpeed ZeRO-2 (fp32, the recipe's torch SGD, global-batch BN) on 2 processes,
+    with either DSR backward."""
     assert_two_processes_match_one(tmp_path, [
-        write_recipe(tmp_path, "zero2_dsr", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0}},
-                     engine={"kind": "deepspeed", "deepspeed": {"stage": 2}})])
+        write_recipe(tmp_path, f"zero2_dsr_{backward}", {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 1.0},
+                                                         "backward": backward},
+                     engine={"kind": "deepspeed", "deepspeed": {"stage": 2}})
+        for backward in ("exact", "representation")])
 
 
 @pytest.mark.slow

@@ -20,13 +20,18 @@ from torch import Tensor, nn
 from torch.distributed import _functional_collectives as funcol
 
 
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
+def all_reduce_sum_differentiable(tensor: Tensor) -> Tensor:
     """Sum over all ranks, differentiable (its backward all-reduces the gradient)."""
     return funcol.wait_tensor(funcol.all_reduce(tensor, "sum", dist.group.WORLD))
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """`BatchNorm1d/2d/3d` whose training statistics are those of the batch of all processes."""
+    """`BatchNorm1d/2d/3d` whose training statistics are those of the batch of all processes.
+
+    After a distributed training forward, `last_statistics` holds the (mean, biased variance) it normalised
+    with, detached (DSR's representation mode records them, harness/snn/representation.py)."""
+
+    global_statistics = True
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -40,11 +45,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
         local_count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
-        sums = _all_reduce_sum(torch.cat([xf.sum(dims), local_count]))
+        sums = all_reduce_sum_differentiable(torch.cat([xf.sum(dims), local_count]))
         count = sums[-1]
         mean = sums[:-1] / count
         centred = xf - mean.view(shape)
-        var = _all_reduce_sum(centred.pow(2).sum(dims)) / count
+        var = all_reduce_sum_differentiable(centred.pow(2).sum(dims)) / count
+        self.last_statistics = (mean.detach(), var.detach())
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -9,8 +9,14 @@ included) before spikifying, so the SNN holds its weights under `body.`; `method
 once before the first epoch of a new run, every threshold to the `percentile` of its ANN activation over
 `batches` training batches, times dt for LIF (`harness.snn.convert`). Under a process group each rank
 calibrates on its own batches and rank 0's thresholds are broadcast, so all ranks start equal.
+
+`method.backward: representation` (harness/snn/representation.py): each training step runs the spiking
+network without a graph, then DSR's backward at batch B on the recorded representations; the loss and the
+logits are exact mode's, evaluation is unchanged. Backbones with a layer that does not commute with time
+averaging are refused when the method is built (a one-line `RecipeError`), or at the first step.
 """
 
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -22,6 +28,7 @@ from harness.engine.context import RunContext
 from harness.methods.base import DataInfo, MethodModel, create_backbone
 from harness.recipe import DSRMethod, ModelConfig, RecipeError
 from harness.snn import DSRIF, DSRLIF, activation_percentiles, set_thresholds, spikify
+from harness.snn.representation import NotCommuting, batch_norm_feeders, check_commutes, representation_step
 
 # Placeholder thresholds of neurons whose V comes from calibration (overwritten before the first step).
 _CALIBRATED_PLACEHOLDER = {"if": 6.0, "lif": 0.3}
@@ -82,10 +89,44 @@ def calibrator(ann: nn.Module, snn: nn.Module, method: DSRMethod, frames: bool):
     return prepare
 
 
+def _not_commuting(e: NotCommuting) -> RecipeError:
+    return RecipeError(f"method.backward: representation needs every layer between neurons to commute with time "
+                       f"averaging, and {e}: use method.backward: exact" + (
+                           " or model.drop_rate: 0" if "mask" in str(e) else ""))
+
+
+@dataclass
+class RepresentationDSR(MethodModel):
+    """DSR with `method.backward: representation`: `forward_loss` runs `representation_step`, whose graph
+    is at batch B. The first training step of each process finds the layers feeding each batch norm (with
+    `time_covariance`, on one sample) and checks that the backbone's layers commute with time averaging
+    (one host read, once)."""
+
+    time_covariance: bool = True
+    verified: bool = False
+    feeders: dict | None = None
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.time_covariance and self.feeders is None:
+            self.feeders = batch_norm_feeders(self.model, x[:1])
+        try:
+            logits = representation_step(self.model, x, verify=not self.verified, feeders=self.feeders)
+        except NotCommuting as e:
+            raise _not_commuting(e) from None
+        self.verified = True
+        return self.loss(logits, y), logits
+
+
 def build(model: ModelConfig, method: DSRMethod, data: DataInfo) -> MethodModel:
     ann = create_backbone(model, data, act_layer=nn.ReLU)
     if method.init.ann_checkpoint is not None:
         load_ann_weights(ann, method.init.ann_checkpoint)
     snn = spikify(ann, neuron_factory(method), method.T, encoding=data.encoding)
     prepare = calibrator(ann, snn, method, data.is_sequence) if method.init.calibrate is not None else None
-    return MethodModel(model=snn, spiking=True, prepare=prepare)
+    if method.backward == "exact":
+        return MethodModel(model=snn, spiking=True, prepare=prepare)
+    try:
+        check_commutes(snn)
+    except NotCommuting as e:
+        raise _not_commuting(e) from None
+    return RepresentationDSR(model=snn, spiking=True, prepare=prepare, time_covariance=method.time_covariance)

@@ -32,25 +32,52 @@ def _accumulation_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def if_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """IF forward on `[T*B, ...]`: `(spikes [T*B, ...] in x's dtype, xbar [B, ...], V)`, both in the
+    accumulation dtype. The one implementation of the loop: exact and representation modes share it."""
+    steps = unfold_time(x, T)
+    acc = _accumulation_dtype(x)
+    v = vth.detach().to(acc)
+    u = torch.zeros_like(steps[0], dtype=acc)
+    input_sum = torch.zeros_like(u)
+    out = torch.empty_like(steps)
+    for t in range(T):
+        x_t = steps[t].to(acc)
+        input_sum += x_t
+        u += x_t
+        spike = (u >= alpha * v).to(acc) * v
+        u -= spike
+        out[t] = spike
+    return fold_time(out), input_sum / T, v
+
+
+def lif_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float, tau: float, dt: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LIF forward on `[T*B, ...]`: `(outputs spike/dt [T*B, ...], xhat [B, ...], V)`; as `if_dynamics`."""
+    steps = unfold_time(x, T)
+    acc = _accumulation_dtype(x)
+    v = vth.detach().to(acc)
+    beta = math.exp(-dt / tau)
+    w = decoding_weights(T, tau, dt, device=x.device, dtype=acc)
+    u = torch.zeros_like(steps[0], dtype=acc)
+    weighted_input = torch.zeros_like(u)
+    out = torch.empty_like(steps)
+    for t in range(T):
+        x_t = steps[t].to(acc)
+        weighted_input += w[t] * x_t
+        u.mul_(beta).add_(x_t, alpha=1.0 - beta)
+        spike = (u >= alpha * v).to(acc) * v
+        u -= spike
+        out[t] = spike / dt
+    return fold_time(out), weighted_input / w.sum(), v
+
+
 class _DSRIFFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, vth: Tensor, T: int, alpha: float, vth_grad_scale: float) -> Tensor:
-        steps = unfold_time(x, T)
-        acc = _accumulation_dtype(x)
-        v = vth.detach().to(acc)
-        u = torch.zeros_like(steps[0], dtype=acc)
-        input_sum = torch.zeros_like(u)
-        out = torch.empty_like(steps)
-        for t in range(T):
-            x_t = steps[t].to(acc)
-            input_sum += x_t
-            u += x_t
-            spike = (u >= alpha * v).to(acc) * v
-            u -= spike
-            out[t] = spike
-        ctx.save_for_backward(input_sum / T, v)
+        out, xbar, v = if_dynamics(x, vth, T, alpha)
+        ctx.save_for_backward(xbar, v)
         ctx.T, ctx.vth_grad_scale, ctx.vth_dtype = T, vth_grad_scale, vth.dtype
-        return fold_time(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -71,24 +98,10 @@ class _DSRLIFFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, vth: Tensor, T: int, alpha: float, tau: float, dt: float,
                 vth_grad_scale: float) -> Tensor:
-        steps = unfold_time(x, T)
-        acc = _accumulation_dtype(x)
-        v = vth.detach().to(acc)
-        beta = math.exp(-dt / tau)
-        w = decoding_weights(T, tau, dt, device=x.device, dtype=acc)
-        u = torch.zeros_like(steps[0], dtype=acc)
-        weighted_input = torch.zeros_like(u)
-        out = torch.empty_like(steps)
-        for t in range(T):
-            x_t = steps[t].to(acc)
-            weighted_input += w[t] * x_t
-            u.mul_(beta).add_(x_t, alpha=1.0 - beta)
-            spike = (u >= alpha * v).to(acc) * v
-            u -= spike
-            out[t] = spike / dt
-        ctx.save_for_backward(weighted_input / w.sum(), v)
+        out, xhat, v = lif_dynamics(x, vth, T, alpha, tau, dt)
+        ctx.save_for_backward(xhat, v)
         ctx.T, ctx.tau, ctx.dt, ctx.vth_grad_scale, ctx.vth_dtype = T, tau, dt, vth_grad_scale, vth.dtype
-        return fold_time(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -106,6 +119,35 @@ class _DSRLIFFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_vth = (ctx.vth_grad_scale * dt * (G * (xhat > upper)).sum()).to(ctx.vth_dtype)
         return grad_x, grad_vth, None, None, None, None, None
+
+
+class _RepresentationFunction(torch.autograd.Function):
+    """One DSR layer in the representation pass (`method.backward: representation`, representation.py).
+
+    Forward: the recorded output representation `a` ([B, ...], from the spiking pass), whatever `z` (the
+    representation pass's input to the layer) is. Backward, with `G = dL/da`:
+        dL/dz = slope * G * in_range,      dL/dV = vth_scale * sum(G * above)
+    where `in_range`, `above` are the clamp's (disjoint) masks at the recorded input representation (see
+    `_DSRNeuron.representation`). Saved for backward: one byte per element (0 below, 1 in range, 2 above).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, vth: Tensor, a: Tensor, in_range: Tensor, above: Tensor, slope: float,
+                vth_scale: float) -> Tensor:
+        ctx.save_for_backward(in_range.to(torch.int8) + 2 * above.to(torch.int8))
+        ctx.slope, ctx.vth_scale, ctx.z_dtype, ctx.vth_dtype = slope, vth_scale, z.dtype, vth.dtype
+        return a.clone()
+
+    @staticmethod
+    def backward(ctx, grad_a: Tensor):
+        (region,) = ctx.saved_tensors
+        G = grad_a.to(_accumulation_dtype(grad_a))
+        grad_z = grad_vth = None
+        if ctx.needs_input_grad[0]:
+            grad_z = (G * (region == 1) * ctx.slope if ctx.slope != 1.0 else G * (region == 1)).to(ctx.z_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_vth = (ctx.vth_scale * (G * (region == 2)).sum()).to(ctx.vth_dtype)
+        return grad_z, grad_vth, None, None, None, None, None
 
 
 class _DSRNeuron(SpikingNeuron):
@@ -127,6 +169,23 @@ class _DSRNeuron(SpikingNeuron):
 
     def parameter_bounds(self) -> list[tuple[nn.Parameter, float]]:
         return [(self.vth, self.vth_bound)]
+
+    def spike_and_represent(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The spiking pass of `method.backward: representation` (call under `torch.no_grad()`): the same
+        spikes as `forward`, bit for bit, and `(input representation, output representation)`, `[B, ...]`
+        each (xbar and the rate for IF, xhat and the weighted rate for LIF)."""
+        unfold_time(x, self.T)
+        self.clamp_threshold()
+        out, x_rep, _ = self.dynamics(x)
+        return out, x_rep, self.decode(out)
+
+    def representation(self, z: Tensor, x_rep: Tensor, a: Tensor) -> Tensor:
+        """The representation pass: value `a`, backward DSR's derivative of the clamp at `x_rep`
+        (`_RepresentationFunction`). `z` is this layer's input computed at batch B from the representations
+        of the layers below; only its gradient matters."""
+        v = self.vth.detach().to(x_rep.dtype)
+        in_range, above, slope, vth_scale = self.clamp_masks(x_rep, v)
+        return _RepresentationFunction.apply(z, self.vth, a, in_range, above, slope, vth_scale)
 
     def clamp_threshold(self) -> None:
         """V <- max(V, vth_bound), in place (DSR.md section 3)."""
@@ -159,6 +218,13 @@ class DSRIF(_DSRNeuron):
         self.clamp_threshold()
         return _DSRIFFunction.apply(x, self.vth, self.T, self.alpha, self.vth_grad_scale)
 
+    def dynamics(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return if_dynamics(x, self.vth, self.T, self.alpha)
+
+    def clamp_masks(self, xbar: Tensor, v: Tensor) -> tuple[Tensor, Tensor, float, float]:
+        """d clamp(xbar, 0, V) / d xbar = 1[0 <= xbar <= V] (closed); dV from 1[xbar > V], scale k_V."""
+        return (xbar >= 0) & (xbar <= v), xbar > v, 1.0, self.vth_grad_scale
+
 
 class DSRLIF(_DSRNeuron):
     """DSR leaky integrate-and-fire neuron; outputs `spike/dt`; decodes by the weighted rate.
@@ -179,6 +245,15 @@ class DSRLIF(_DSRNeuron):
         unfold_time(x, self.T)
         self.clamp_threshold()
         return _DSRLIFFunction.apply(x, self.vth, self.T, self.alpha, self.tau, self.dt, self.vth_grad_scale)
+
+    def dynamics(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return lif_dynamics(x, self.vth, self.T, self.alpha, self.tau, self.dt)
+
+    def clamp_masks(self, xhat: Tensor, v: Tensor) -> tuple[Tensor, Tensor, float, float]:
+        """d clamp(xhat/tau, 0, V/dt) / d xhat = (1/tau) 1[0 < xhat < V*tau/dt] (open); dV from
+        1[xhat > V*tau/dt] with DSR's scale k_V*dt (DSR.md section 3)."""
+        upper = v * self.tau / self.dt  # as the exact backward computes it: the same masks
+        return (xhat > 0) & (xhat < upper), xhat > upper, 1.0 / self.tau, self.vth_grad_scale * self.dt
 
     def decode(self, y: Tensor) -> Tensor:
         return weighted_rate(y, self.T, self.tau, self.dt)

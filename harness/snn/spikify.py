@@ -62,6 +62,11 @@ class SpikingNet(nn.Module):
             raise ValueError(f"sequence input must be [B, T={self.T}, ...], got shape {tuple(x.shape)}")
         return sequence_to_time_major(x)
 
+    def represent_input(self, x: Tensor) -> Tensor:
+        """The input's representation `[B, ...]`: the image itself (direct encoding), or the frames decoded as
+        the neurons decode (sequence). DSR's representation mode runs the body on it."""
+        return x if self.encoding == "direct" else self.decode(self.encode(x))
+
     def forward_steps(self, x: Tensor) -> Tensor:
         """The body's output per step, `[T, B, ...]` (for per-step losses)."""
         return unfold_time(self.body(self.encode(x)), self.T)
