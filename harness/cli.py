@@ -147,7 +147,8 @@ def _int_list(text: str) -> list[int]:
 @click.option("--backbone", default="preact_resnet18_cifar", show_default=True, help="A timm model name.")
 @click.option("--input", "input_shape", default="3,32,32", show_default=True, help="One sample's C,H,W.")
 @click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True)
-@click.option("--methods", "method_names", default="ann,dsr,sg", show_default=True, help="Comma-separated.")
+@click.option("--methods", "method_names", default="ann,dsr,dsr_repr,sg", show_default=True,
+              help="Comma-separated: ann, dsr, dsr_repr, dsr_repr_nocov, sg.")
 @click.option("--T", "time_steps", default="1,2,4,8,16", show_default=True, help="Comma-separated time steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed steps.")

@@ -164,6 +164,9 @@ class DSRMethod(Section):
     @model_validator(mode="after")
     def _neuron_defaults(self) -> "DSRMethod":
         lif = self.neuron == "lif"
+        if not self.time_covariance and self.backward == "exact":
+            raise ValueError("time_covariance: false applies to backward: representation only (exact mode's "
+                             "gradients always hold it); drop it or set backward: representation")
         if self.init.calibrate is not None and self.vth.init not in (None, "calibrate"):
             raise ValueError(f"vth.init is {self.vth.init} but init.calibrate is set; use vth.init: calibrate "
                              f"or drop init.calibrate")

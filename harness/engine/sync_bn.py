@@ -44,7 +44,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        local_count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
+        local_count = xf.new_full((1,), x.numel() / x.shape[1])  # a fill on the device, not a host copy
         sums = all_reduce_sum_differentiable(torch.cat([xf.sum(dims), local_count]))
         count = sums[-1]
         mean = sums[:-1] / count
