@@ -153,8 +153,8 @@ class DSRMethod(Section):
     dt: PositiveFloat | None = None  # LIF step length; default 0.05
     init: InitConfig = Field(default_factory=InitConfig)  # hybrid start; default: random weights, vth.init
     # How the backward is computed (harness/snn/representation.py): `exact` backpropagates through the T*B
-    # samples; `representation` computes it at batch B on the spike representations (same loss, IF gradients
-    # equal with eval-mode BN; memory independent of T)
+    # samples; `representation` computes it at batch B on the spike representations (same loss and, for IF,
+    # the same gradients; autograd memory independent of T)
     backward: Literal["exact", "representation"] = "exact"
     # representation backward only: also record, for each conv/linear layer feeding a train-mode batch norm, the
     # time covariance its weight gradient needs (exact gradients for IF; one weight-gradient pass over T*B).

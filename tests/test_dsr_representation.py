@@ -105,6 +105,18 @@ def test_r1_frame_sequences_are_represented_as_the_neurons_decode_them():
     assert_round_off(grads_e, grads_r, [n for n in grads_e if n.endswith("vth")])
 
 
+def test_r1_under_bf16_autocast_logits_are_exact_modes_and_the_first_step_verifies():
+    """The engine's bf16 precision (CPU autocast): the same logits bit for bit, the commutation check passes at
+    its low-precision tolerance, and the gradients point where exact mode's do."""
+    exact, representation = pair("snn_convnet", 4, dtype=torch.float32)
+    x, y = batch(BACKBONES["snn_convnet"], B=8, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, logits_e, grads_e = step(exact, x, y)
+        _, logits_r, grads_r = step(representation, x, y)
+    assert torch.equal(logits_e, logits_r) and representation.verified
+    assert compare_gradients(grads_e, grads_r)["all_parameters_cosine"] >= 0.99
+
+
 # ----------------------------------------------------------------------------------------------- R2
 @pytest.mark.parametrize("T", [1, 2, 5])
 @pytest.mark.parametrize("backbone", list(BACKBONES))

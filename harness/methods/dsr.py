@@ -91,8 +91,7 @@ def calibrator(ann: nn.Module, snn: nn.Module, method: DSRMethod, frames: bool):
 
 def _not_commuting(e: NotCommuting) -> RecipeError:
     return RecipeError(f"method.backward: representation needs every layer between neurons to commute with time "
-                       f"averaging, and {e}: use method.backward: exact" + (
-                           " or model.drop_rate: 0" if "mask" in str(e) else ""))
+                       f"averaging, and {e}: use method.backward: exact")
 
 
 @dataclass

@@ -99,7 +99,8 @@ def check_commutes(net: SpikingNet) -> None:
                 raise NotCommuting(name, f"{name} ({kind}) is not a DSR neuron")
         elif isinstance(module, nn.modules.dropout._DropoutNd):
             if module.p > 0:
-                raise NotCommuting(name, f"{name} ({kind}, p={module.p}) draws a different mask at every time step")
+                raise NotCommuting(name, f"{name} ({kind}, p={module.p}) draws a different mask at every time step "
+                                         "(model.drop_rate: 0 removes it from our backbones)")
         elif not isinstance(module, _LINEAR_LAYERS):
             raise NotCommuting(name, f"{name} ({kind}) is not a layer that commutes with time averaging "
                                      "(conv, linear, batch norm, average pooling)")
