@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from harness.engine.sync_bn import all_reduce_sum_differentiable
 from harness.snn.neuron import SpikingNeuron
 from harness.snn.spikify import SpikingNet
 
@@ -301,8 +302,8 @@ class _RecordedBatchNorm(torch.autograd.Function):
         G, xn = grad_y.to(acc), xn.to(acc)
         sum_g, sum_gx = G.sum(dims), (G * xn).sum(dims)
         totals = torch.cat([sum_g, sum_gx, xn.sum(dims), sum_g.new_full((1,), G.numel() / G.shape[1])])  # no H2D copy
-        if ctx.global_batch:
-            dist.all_reduce(totals)
+        if ctx.global_batch:  # functional collective, as GlobalBatchNorm's own backward (ordered with DDP's)
+            totals = all_reduce_sum_differentiable(totals)
         mean_g, mean_gx, mean_x = (totals[:-1] / totals[-1]).view(3, -1)
         xc = xn - mean_x.view(shape)  # centred on the representations' own batch mean (= the recorded one for IF)
         scale = inv_std.to(acc) if weight is None else inv_std.to(acc) * weight.to(acc)
