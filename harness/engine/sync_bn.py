@@ -20,6 +20,11 @@ from torch import Tensor, nn
 from torch.distributed import _functional_collectives as funcol
 
 
+def channel_dims(x: Tensor) -> tuple[list[int], list[int]]:
+    """(the dimensions batch norm reduces over, the shape that broadcasts a per-channel vector) for `x`."""
+    return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+
+
 def all_reduce_sum_differentiable(tensor: Tensor) -> Tensor:
     """Sum over all ranks, differentiable (its backward all-reduces the gradient)."""
     return funcol.wait_tensor(funcol.all_reduce(tensor, "sum", dist.group.WORLD))
@@ -31,18 +36,19 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     After a distributed training forward, `last_statistics` holds the (mean, biased variance) it normalised
     with, detached (DSR's representation mode records them, harness/snn/representation.py)."""
 
-    global_statistics = True
+    @staticmethod
+    def spans_processes() -> bool:
+        """Whether training statistics are those of several processes (a process group of more than one)."""
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input [N, C, ...], got {input.dim()}D")
 
     def forward(self, x: Tensor) -> Tensor:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not (self.training and distributed):
+        if not (self.training and self.spans_processes()):
             return super().forward(x)
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims, shape = channel_dims(x)
         xf = x.float()
         local_count = xf.new_full((1,), x.numel() / x.shape[1])  # a fill on the device, not a host copy
         sums = all_reduce_sum_differentiable(torch.cat([xf.sum(dims), local_count]))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.snn.coding import rate
-from harness.snn.neuron import SpikingNeuron
+from harness.snn.neuron import SpikingNeuron, accumulation_dtype
 from harness.snn.qcfs import QCFS
 from harness.snn.spikify import SpikingNet, is_activation, replace_activations
 from harness.snn.time import fold_time, unfold_time
@@ -44,7 +44,7 @@ class ConversionIF(SpikingNeuron):
 
     def forward(self, x: Tensor) -> Tensor:
         steps = unfold_time(x, self.T)
-        v = self.vth.to(torch.promote_types(x.dtype, torch.float32))
+        v = self.vth.to(accumulation_dtype(x))
         u = torch.full_like(steps[0], 0.5, dtype=v.dtype) * v
         out = torch.empty_like(steps)
         for t in range(self.T):

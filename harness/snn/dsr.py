@@ -24,19 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from harness.snn.coding import check_positive, decoding_weights, weighted_rate
-from harness.snn.neuron import SpikingNeuron
+from harness.snn.neuron import SpikingNeuron, accumulation_dtype
 from harness.snn.time import fold_time, unfold_time
-
-
-def _accumulation_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def if_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
     """IF forward on `[T*B, ...]`: `(spikes [T*B, ...] in x's dtype, xbar [B, ...], V)`, both in the
     accumulation dtype. The one implementation of the loop: exact and representation modes share it."""
     steps = unfold_time(x, T)
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x)
     v = vth.detach().to(acc)
     u = torch.zeros_like(steps[0], dtype=acc)
     input_sum = torch.zeros_like(u)
@@ -54,7 +50,7 @@ def if_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float) -> tuple[Tensor, T
 def lif_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float, tau: float, dt: float) -> tuple[Tensor, Tensor, Tensor]:
     """LIF forward on `[T*B, ...]`: `(outputs spike/dt [T*B, ...], xhat [B, ...], V)`; as `if_dynamics`."""
     steps = unfold_time(x, T)
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x)
     v = vth.detach().to(acc)
     beta = math.exp(-dt / tau)
     w = decoding_weights(T, tau, dt, device=x.device, dtype=acc)
@@ -141,7 +137,7 @@ class _RepresentationFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_a: Tensor):
         (region,) = ctx.saved_tensors
-        G = grad_a.to(_accumulation_dtype(grad_a))
+        G = grad_a.to(accumulation_dtype(grad_a))
         grad_z = grad_vth = None
         if ctx.needs_input_grad[0]:
             grad_z = (G * (region == 1) * ctx.slope if ctx.slope != 1.0 else G * (region == 1)).to(ctx.z_dtype)

@@ -7,10 +7,17 @@ A neuron whose parameters must stay in a range (DSR's threshold, V >= V_bound) l
 `parameter_bounds`; every engine clamps them after each optimizer step (harness/engine/engines/base.py).
 """
 
+import torch
 from torch import Tensor, nn
 
 from harness.snn.coding import rate
 from harness.snn.time import check_time_steps
+
+
+def accumulation_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a neuron integrates in: at least float32 whatever `x`'s (bf16 over many steps would lose small
+    inputs)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 class SpikingNeuron(nn.Module):

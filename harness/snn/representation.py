@@ -63,21 +63,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from harness.engine.sync_bn import all_reduce_sum_differentiable
-from harness.snn.neuron import SpikingNeuron
+from harness.engine.sync_bn import GlobalBatchNorm, all_reduce_sum_differentiable, channel_dims
+from harness.snn.neuron import SpikingNeuron, accumulation_dtype
 from harness.snn.spikify import SpikingNet
 
 _LINEAR_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.AvgPool1d, nn.AvgPool2d,
                   nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten,
                   nn.Unflatten, nn.Identity)
-# Relative deviation between a neuron's input computed from representations and the recorded one above
-# which the layers below it do not commute with time averaging: far above fp32 round-off of a conv
-# (~1e-6), far below what a nonlinearity or a per-step mask produces (~1e-1).
-_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3}
-_LOW_PRECISION_TOLERANCE = 5e-2
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative deviation between a neuron's input computed from representations and the recorded one above
+    which the layers below it do not commute with time averaging: far above fp32 round-off of a conv (~1e-6),
+    far below what a nonlinearity or a per-step mask produces (~1e-1); bf16/fp16 have their own round-off."""
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
 
 
 class NotCommuting(ValueError):
@@ -134,18 +135,8 @@ def _uses_batch_statistics(bn: nn.modules.batchnorm._BatchNorm) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def _accumulation_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _channel_dims(x: Tensor) -> tuple[list[int], list[int]]:
-    """(the dimensions batch norm reduces over, the shape that broadcasts a per-channel vector)."""
-    return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
-
-
 def _distributed_global(bn: nn.Module) -> bool:
-    return getattr(bn, "global_statistics", False) and dist.is_available() and dist.is_initialized() \
-        and dist.get_world_size() > 1
+    return isinstance(bn, GlobalBatchNorm) and bn.spans_processes()
 
 
 def _batch_statistics(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,7 +145,7 @@ def _batch_statistics(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> tuple[T
     if _distributed_global(bn):
         mean, var = bn.last_statistics
         return mean, torch.rsqrt(var + bn.eps)
-    _, mean, inv_std = torch.native_batch_norm(x.to(_accumulation_dtype(x)), None, None, None, None, True, 0.0, bn.eps)
+    _, mean, inv_std = torch.native_batch_norm(x.to(accumulation_dtype(x)), None, None, None, None, True, 0.0, bn.eps)
     return mean, inv_std
 
 
@@ -207,8 +198,8 @@ def time_covariance(net: SpikingNet, layer: nn.Module, inputs: Tensor, norm_inpu
     covariance that the variance term of batch norm's backward pairs with the weight. `_RecordedBatchNorm`
     adds `-c * D` to the weight's gradient (`c` per channel, module docstring), which makes it exact mode's.
     Cost: one weight-gradient pass of the layer over T*B (and one over B)."""
-    acc = _accumulation_dtype(norm_input)
-    _, shape = _channel_dims(norm_input)
+    acc = accumulation_dtype(norm_input)
+    _, shape = channel_dims(norm_input)
     inv_std, mean = inv_std.to(acc).view(shape), mean.to(acc).view(shape)
     normalised = (norm_input.to(acc) - mean) * (inv_std / net.T)
     normalised_rep = (net.decode(norm_input).to(acc) - mean) * inv_std
@@ -285,9 +276,9 @@ class _RecordedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, inv_std: Tensor,
                 global_batch: bool, covariances: tuple[Tensor, ...], *feeder_weights: Tensor) -> Tensor:
-        dims, shape = _channel_dims(z)
+        _, shape = channel_dims(z)
         ctx.feeder_dtypes = [w.dtype for w in feeder_weights]
-        acc = _accumulation_dtype(z)
+        acc = accumulation_dtype(z)
         xn = (z.to(acc) - mean.to(acc).view(shape)) * inv_std.to(acc).view(shape)
         y = xn if weight is None else xn * weight.to(acc).view(shape) + bias.to(acc).view(shape)
         ctx.save_for_backward(xn.to(z.dtype), inv_std, weight, *covariances)
@@ -297,8 +288,8 @@ class _RecordedBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         xn, inv_std, weight, *covariances = ctx.saved_tensors
-        dims, shape = _channel_dims(grad_y)
-        acc = _accumulation_dtype(grad_y)
+        dims, shape = channel_dims(grad_y)
+        acc = accumulation_dtype(grad_y)
         G, xn = grad_y.to(acc), xn.to(acc)
         sum_g, sum_gx = G.sum(dims), (G * xn).sum(dims)
         totals = torch.cat([sum_g, sum_gx, xn.sum(dims), sum_g.new_full((1,), G.numel() / G.shape[1])])  # no H2D copy
@@ -320,7 +311,7 @@ class _RecordedBatchNorm(torch.autograd.Function):
 def representation_pass(net: SpikingNet, x: Tensor, tape: Tape, verify: bool = False) -> Tensor:
     """Step 2 (see the module docstring): the body at batch B on representations, with autograd. With
     `verify`, each neuron's relative input deviation is left in `tape.deviations` (see `check_deviations`)."""
-    names = {m: name for name, m in net.named_modules()}
+    names = {m: name for name, m in net.named_modules()} if verify else {}
 
     def neuron_forward(neuron: nn.Module) -> Callable[[Tensor], Tensor]:
         def forward(z: Tensor) -> Tensor:
@@ -328,7 +319,7 @@ def representation_pass(net: SpikingNet, x: Tensor, tape: Tape, verify: bool = F
             if verify:
                 scale = x_rep.abs().max().clamp(min=torch.finfo(x_rep.dtype).tiny)
                 deviation = (z.detach().to(x_rep.dtype) - x_rep).abs().max() / scale
-                tape.deviations[names[neuron]] = (deviation, _TOLERANCE.get(z.dtype, _LOW_PRECISION_TOLERANCE))
+                tape.deviations[names[neuron]] = (deviation, _tolerance(z.dtype))
             return neuron.representation(z, x_rep, a)
         return forward
 

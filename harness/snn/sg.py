@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from harness.snn.coding import check_positive
-from harness.snn.neuron import SpikingNeuron
+from harness.snn.neuron import SpikingNeuron, accumulation_dtype
 from harness.snn.surrogate import spike, surrogate_derivative
 from harness.snn.time import fold_time, unfold_time
 
@@ -54,7 +54,7 @@ class SGLIF(SpikingNeuron):
 
     def forward(self, x: Tensor) -> Tensor:
         steps = unfold_time(x, self.T)
-        u = torch.zeros_like(steps[0], dtype=torch.promote_types(x.dtype, torch.float32))
+        u = torch.zeros_like(steps[0], dtype=accumulation_dtype(x))
         out = []
         for t in range(self.T):
             u = self.leak * u + steps[t]
