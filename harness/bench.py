@@ -39,11 +39,11 @@ from harness.recipe import ModelConfig, method_section
 BENCH_METHODS = {"ann": {"name": "ann"}, "dsr": {"name": "dsr"},
                  "dsr_repr": {"name": "dsr", "backward": "representation"},
                  "dsr_repr_nocov": {"name": "dsr", "backward": "representation", "time_covariance": False},
-                 "sg": {"name": "sg"}}
+                 "sg": {"name": "sg"}, "qcfs": {"name": "qcfs"}}
 
 
 def build_model(backbone: str, method: str, T: int, num_classes: int, input_shape: tuple[int, ...]):
-    section = dict(BENCH_METHODS[method]) if method in BENCH_METHODS else {"name": method}
+    section = dict(BENCH_METHODS[method])
     if section["name"] != "ann":
         section["T"] = T
     return methods.build(ModelConfig(backbone=backbone), method_section(section),

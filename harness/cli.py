@@ -148,7 +148,7 @@ def _int_list(text: str) -> list[int]:
 @click.option("--input", "input_shape", default="3,32,32", show_default=True, help="One sample's C,H,W.")
 @click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--methods", "method_names", default="ann,dsr,dsr_repr,sg", show_default=True,
-              help="Comma-separated: ann, dsr, dsr_repr, dsr_repr_nocov, sg.")
+              help="Comma-separated: ann, dsr, dsr_repr, dsr_repr_nocov, sg, qcfs.")
 @click.option("--T", "time_steps", default="1,2,4,8,16", show_default=True, help="Comma-separated time steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed steps.")
@@ -161,14 +161,19 @@ def bench_step(backbone: str, input_shape: str, classes: int, method_names: str,
     """Training-step time and memory against T, per method, on one backbone (results as JSON)."""
     from pathlib import Path
 
-    from harness.bench import run_step_bench
+    from harness.bench import BENCH_METHODS, run_step_bench
 
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise click.BadParameter("torch sees no CUDA device", param_hint="--device")
-    run_step_bench(backbone, [m.strip() for m in method_names.split(",") if m.strip()], _int_list(time_steps),
+    names = [m.strip() for m in method_names.split(",") if m.strip()]
+    unknown = [m for m in names if m not in BENCH_METHODS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown method {unknown[0]!r}; one of {', '.join(BENCH_METHODS)}" if unknown
+                                 else "name at least one method", param_hint="--methods")
+    run_step_bench(backbone, names, _int_list(time_steps),
                    batch_size, classes, tuple(_int_list(input_shape)), steps, warmup, device, precision,
                    Path(out_dir), echo=click.echo)
 

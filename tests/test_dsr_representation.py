@@ -373,3 +373,12 @@ def test_backward_bench_writes_per_parameter_agreement(tmp_path):
 def test_time_covariance_off_is_refused_with_the_exact_backward():
     with pytest.raises(ValueError, match="time_covariance: false applies to backward: representation only"):
         method_section({"name": "dsr", "time_covariance": False})
+
+
+def test_step_bench_refuses_an_unknown_method_in_one_line():
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    done = CliRunner().invoke(main, ["bench", "step", "--methods", "ann,dsr_fast"])
+    assert done.exit_code == 2 and "unknown method 'dsr_fast'; one of ann, dsr, dsr_repr" in done.output
