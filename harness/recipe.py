@@ -273,6 +273,10 @@ class EngineConfig(Section):
     grad_accum: PositiveInt = 1  # micro-batches per optimizer step; data.batch_size stays the global batch
     timeout_s: PositiveInt = 1800  # collective timeout: a hung or lost process fails the run after this
     checkpoint_every: NonNegativeInt = 0  # steps between mid-epoch checkpoints (0: only at the end of each epoch)
+    # DSR neuron time loop (harness/snn/kernels): fused kernel where one runs, plain loop; same spikes either way
+    neuron_kernel: Literal["auto", "plain", "fused"] = "auto"
+    compile: bool = False  # torch.compile the training step (forward, loss, backward)
+    channels_last: bool = False  # model and input batches in channels-last memory layout (faster convolutions on CUDA)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
 

@@ -21,6 +21,9 @@ done in the epoch, the epoch's training totals so far and the RNG states of that
 the epoch's loader up to that step without computing anything (so the data order and every loader worker's
 augmentation stream are those of an uninterrupted run; the cost is reading those batches once more), then
 restores the RNG states: on the CPU the run ends with exactly the weights of an uninterrupted one.
+No host synchronisation per step: the epoch's totals (loss, top-1, samples) accumulate on the device and are
+read once, at the end of the epoch; the progress bar reads the loss at most once a second; the engine's health
+flags are read one step late, or at once before a checkpoint (`Engine.settle`).
 Non-finite steps: the engine stops the run (`NonFiniteError`), or with `optim.skip_nonfinite` skips them;
 the loop counts them (`train/skipped_steps` per epoch, not in the epoch's loss and accuracy) and gives up after
 `optim.max_skips_in_a_row` in a row.
@@ -45,6 +48,7 @@ from harness.engine.preemption import Preempted, StopRequest
 from harness.engine.progress import epoch_bar, epoch_line, progress_bar
 from harness.engine.schedule import build_scheduler
 from harness.recipe import Recipe, RecipeError
+from harness.snn import kernels
 from harness.snn.stats import FiringRateMonitor, spiking_layers
 
 
@@ -78,6 +82,8 @@ class Trainer:
             torch.set_num_threads(recipe.engine.threads)
         seed_everything(recipe.seed)
         device = pick_device(recipe.engine, self.process)
+        kernels.select(recipe.engine.neuron_kernel)
+        kernels.check_selected(device.type)  # builds the CPU kernel now (once per machine), before any step
         self.engine = build_engine(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, self.process, device,
                                    skip_nonfinite=recipe.optim.skip_nonfinite)
         try:
@@ -166,11 +172,12 @@ class Trainer:
                 else:
                     self.skipped_in_a_row = 0
                     totals += torch.stack([outcome.loss.double() * n, topk_correct(outcome.logits, y, 1).double(),
-                                           torch.tensor(n, dtype=torch.float64, device=device)])
+                                           totals.new_full((), n)])  # a fill, not a host-to-device copy
                 bar.advance(outcome.loss, n)
                 # one process stops at the boundary right after the signal; several at the one after they agreed
                 stopping = outcome.stop or (stop.requested and not self.process.distributed)
                 if stopping or (every and self.step % every == 0 and self.epoch_step < self.iters_per_epoch):
+                    stopping = self.engine.settle() or stopping  # this step's health, read before writing
                     self.checkpointer.save(self.engine, self.counters(), self.recipe.model_dump(mode="json"),
                                            self.mlflow_run_id, partial_epoch={
                                                "totals": self.context.reduce_sum(totals).cpu(), "skipped": skipped,
@@ -180,6 +187,7 @@ class Trainer:
                     raise Preempted(f"stopped by {by} at step {self.step} (epoch {self.epoch + 1}, step "
                                     f"{self.epoch_step} of {self.iters_per_epoch}); checkpoint "
                                     f"{self.run_dir / checkpoint.LAST}")
+        self.engine.settle()  # the epoch's last step's health; a stop agreed there is taken at the next step
         elapsed = elapsed_before + time.perf_counter() - start
         self.epoch_step = 0
         self.engine.end_epoch()

@@ -23,48 +23,35 @@ import math
 import torch
 from torch import Tensor, nn
 
+from harness.snn import kernels
 from harness.snn.coding import check_positive, decoding_weights, weighted_rate
 from harness.snn.neuron import SpikingNeuron, accumulation_dtype
-from harness.snn.time import fold_time, unfold_time
+from harness.snn.time import unfold_time
+
+
+def _constants(vth: Tensor, alpha: float, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """V and the firing threshold alpha*V as 0-dim tensors in the accumulation dtype (on V's device: no host read)."""
+    v = vth.detach().to(acc)
+    return v, alpha * v
 
 
 def if_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
     """IF forward on `[T*B, ...]`: `(spikes [T*B, ...] in x's dtype, xbar [B, ...], V)`, both in the
-    accumulation dtype. The one implementation of the loop: exact and representation modes share it."""
-    steps = unfold_time(x, T)
-    acc = accumulation_dtype(x)
-    v = vth.detach().to(acc)
-    u = torch.zeros_like(steps[0], dtype=acc)
-    input_sum = torch.zeros_like(u)
-    out = torch.empty_like(steps)
-    for t in range(T):
-        x_t = steps[t].to(acc)
-        input_sum += x_t
-        u += x_t
-        spike = (u >= alpha * v).to(acc) * v
-        u -= spike
-        out[t] = spike
-    return fold_time(out), input_sum / T, v
+    accumulation dtype. Exact and representation modes share it; the loop runs in `harness.snn.kernels`
+    (plain or fused, the same spikes)."""
+    v, threshold = _constants(vth, alpha, accumulation_dtype(x))
+    out, input_sum = kernels.if_forward(x, v, threshold, T)
+    return out, input_sum / T, v
 
 
 def lif_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float, tau: float, dt: float) -> tuple[Tensor, Tensor, Tensor]:
     """LIF forward on `[T*B, ...]`: `(outputs spike/dt [T*B, ...], xhat [B, ...], V)`; as `if_dynamics`."""
-    steps = unfold_time(x, T)
     acc = accumulation_dtype(x)
-    v = vth.detach().to(acc)
+    v, threshold = _constants(vth, alpha, acc)
     beta = math.exp(-dt / tau)
     w = decoding_weights(T, tau, dt, device=x.device, dtype=acc)
-    u = torch.zeros_like(steps[0], dtype=acc)
-    weighted_input = torch.zeros_like(u)
-    out = torch.empty_like(steps)
-    for t in range(T):
-        x_t = steps[t].to(acc)
-        weighted_input += w[t] * x_t
-        u.mul_(beta).add_(x_t, alpha=1.0 - beta)
-        spike = (u >= alpha * v).to(acc) * v
-        u -= spike
-        out[t] = spike / dt
-    return fold_time(out), weighted_input / w.sum(), v
+    out, weighted_input = kernels.lif_forward(x, v, threshold, v / dt, w, T, beta, 1.0 - beta)
+    return out, weighted_input / w.sum(), v
 
 
 class _DSRIFFunction(torch.autograd.Function):
@@ -78,16 +65,9 @@ class _DSRIFFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         xbar, v = ctx.saved_tensors
-        T = ctx.T
-        G = unfold_time(grad_out, T).to(xbar.dtype).sum(dim=0)
-        grad_x = grad_vth = None
-        if ctx.needs_input_grad[0]:
-            in_range = (xbar >= 0) & (xbar <= v)
-            grad_step = (G / T) * in_range
-            grad_x = fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)).to(grad_out.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_vth = (ctx.vth_grad_scale * (G * (xbar > v)).sum()).to(ctx.vth_dtype)
-        return grad_x, grad_vth, None, None, None
+        grad_x, above = kernels.if_backward(grad_out, xbar, v, ctx.T)
+        grad_vth = (ctx.vth_grad_scale * above.sum()).to(ctx.vth_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_vth, None, None, None
 
 
 class _DSRLIFFunction(torch.autograd.Function):
@@ -104,17 +84,10 @@ class _DSRLIFFunction(torch.autograd.Function):
         xhat, v = ctx.saved_tensors
         T, tau, dt = ctx.T, ctx.tau, ctx.dt
         w = decoding_weights(T, tau, dt, device=xhat.device, dtype=xhat.dtype)
-        steps = unfold_time(grad_out, T).to(xhat.dtype)
-        G = T * torch.tensordot(w, steps, dims=([0], [0])) / w.sum()
-        upper = v * tau / dt
-        grad_x = grad_vth = None
-        if ctx.needs_input_grad[0]:
-            in_range = (xhat > 0) & (xhat < upper)
-            grad_step = (G / (tau * T)) * in_range
-            grad_x = fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)).to(grad_out.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_vth = (ctx.vth_grad_scale * dt * (G * (xhat > upper)).sum()).to(ctx.vth_dtype)
-        return grad_x, grad_vth, None, None, None, None, None
+        w_sum = sum([math.exp(-k * dt / tau) for k in range(T)])  # W, a constant (a list: torch.compile folds it)
+        grad_x, above = kernels.lif_backward(grad_out, xhat, v * tau / dt, w, T, tau, w_sum)
+        grad_vth = (ctx.vth_grad_scale * dt * above.sum()).to(ctx.vth_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_vth, None, None, None, None, None
 
 
 class _RepresentationFunction(torch.autograd.Function):

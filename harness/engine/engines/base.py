@@ -15,19 +15,27 @@ Parameter bounds (DSR.md section 3, V <- max(V, V_bound)): after every optimizer
 bounded parameter (`harness.snn.parameter_bounds`) in the copy the optimizer actually updates: the parameter
 itself for local and DDP, DeepSpeed's fp32 master copy (and the working copy) under ZeRO.
 
-Step health, one small all-reduce and one host read per step (`agree`): whether any process's loss (any
-micro-batch) or the global gradient norm is NaN/infinite, and whether any process was asked to stop
-(preemption). Every process therefore takes the same decision at the same step: stop with one line naming
-the step and the first non-finite tensor (`NonFiniteError`: the loss and the ranks it is bad on, or the
-first parameter whose gradient is bad), or with `optim.skip_nonfinite` skip the optimizer step (gradients
-dropped, the schedule still advances: the batch was consumed) and report it in `StepOutcome.skipped`.
-With fp16 loss scaling an infinite gradient is the scaler's business (it skips the step and lowers the
-scale) and is not a fault.
+Step health, one small all-reduce per step and no host synchronisation (`agree`): whether any process's loss
+(any micro-batch) or the global gradient norm is NaN/infinite, and whether any process was asked to stop
+(preemption). The flags are reduced on the device and copied to the host asynchronously; the loop reads step
+k's flags while step k+1 is already queued (on CUDA the stream never waits for the host), or at once through
+`settle()`, which the loop calls before every checkpoint and at the end of every epoch. Every process reads the
+same flags at the same step, and therefore takes the same decision: stop with one line naming the step and the
+first non-finite tensor (`NonFiniteError`: the loss and the ranks it is bad on, or the first parameter whose
+gradient is bad, found on the device from the per-parameter norms), raised one step later than the fault, but
+before anything is written (the checkpointer also refuses non-finite weights). With `optim.skip_nonfinite` the
+decision must precede the optimizer step: the flags are read at once (one host read per step, the price of
+skipping) and a bad step is skipped (gradients dropped, the schedule still advances: the batch was consumed)
+and reported in `StepOutcome.skipped`. With fp16 loss scaling an infinite gradient is the scaler's business
+(it skips the step and lowers the scale) and is not a fault.
+
+`engine.compile` wraps the training module in `torch.compile` (`compiled`); `engine.channels_last` puts the
+model and every input batch in channels-last layout (`place`, `micro_batches`).
 """
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +70,21 @@ class StepOutcome:
     stop: bool = False
 
 
+@dataclass
+class PendingHealth:
+    """One step's health flags on their way to the host: `[loss bad per rank..., gradient bad, stop, first bad
+    parameter + 1]`; `ready` is the CUDA event after their copy (None on the CPU, where they are there)."""
+
+    step: int
+    flags: torch.Tensor
+    ready: torch.cuda.Event | None = field(default=None)
+
+    def read(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.flags.tolist()
+
+
 class Engine(ABC):
     """One way of running training steps; see the module docstring for the contract.
 
@@ -83,14 +106,22 @@ class Engine(ABC):
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.bounds: list[tuple[nn.Parameter, float]] = []
+        self.pending: PendingHealth | None = None  # the last step's health flags, not read yet
+        self.graded_names: list[str] = []  # the parameters `gradient_norms` saw, in order
 
     # ------------------------------------------------------------------------------------ building
     def place(self, model: nn.Module) -> nn.Module:
         """The plain model made ready for this engine and moved to its device (before the optimizer is built):
-        with `engine.sync_bn` in a multi-process job, batch norm over the global batch (`GlobalBatchNorm`)."""
+        with `engine.sync_bn` in a multi-process job, batch norm over the global batch (`GlobalBatchNorm`); with
+        `engine.channels_last`, 4-D weights in channels-last layout."""
         if self.cfg.sync_bn and self.process.distributed:
             model = convert_to_global_batchnorm(model)
-        return model.to(self.device)
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """`module` under `torch.compile` with `engine.compile`, else itself."""
+        return torch.compile(module) if self.cfg.compile else module
 
     @abstractmethod
     def setup(self, step_module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -107,34 +138,70 @@ class Engine(ABC):
 
     def micro_batches(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         parts = self.cfg.grad_accum
-        return list(zip(x.to(self.precision.input_dtype).chunk(parts), y.chunk(parts), strict=True))
+        layout = torch.channels_last if self.cfg.channels_last and x.dim() == 4 else torch.preserve_format
+        x = x.to(self.precision.input_dtype, memory_format=layout)
+        return list(zip(x.chunk(parts), y.chunk(parts), strict=True))
+
+    def gradient_norms(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """`(global gradient norm, per-parameter norms)` over the parameters that have a gradient, on the device
+        (one fused pass; the per-parameter norms name a non-finite gradient without reading it back)."""
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        self.graded_names = [n for n, _ in named]
+        grads = [g for _, g in named]
+        if not grads:
+            return None, None
+        norms = torch.stack(torch._foreach_norm(grads)).float()
+        return torch.linalg.vector_norm(norms), norms
 
     def agree(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor | None,
-              stop_requested: bool) -> tuple[bool, bool]:
-        """`(not finite, stop)` as every process sees them (a collective; the step's one host read). Raises
-        `NonFiniteError` on every process when a loss or gradient is not finite and skipping is off."""
+              stop_requested: bool, param_norms: torch.Tensor | None = None) -> tuple[bool, bool]:
+        """`(not finite, stop)` as every process sees them (see the module docstring: a collective; read at once
+        with `optim.skip_nonfinite`, else one step later). Raises `NonFiniteError` on every process when a loss or
+        gradient is not finite and skipping is off."""
         world = self.process.world_size
-        flags = torch.zeros(world + 2, device=self.device)
+        flags = torch.zeros(world + 3, device=self.device)
         flags[self.process.rank] = (~torch.isfinite(torch.stack(losses))).any().float()
         if grad_norm is not None:
             flags[world] = (~torch.isfinite(grad_norm)).float()
         flags[world + 1] = float(stop_requested)
-        flags = all_reduce_sum(flags, self.process).tolist()
+        if param_norms is not None and self.process.is_main:  # gradients are identical on every rank
+            bad = ~torch.isfinite(param_norms)
+            flags[world + 2] = torch.where(bad.any(), bad.int().argmax() + 1, 0).float()
+        flags = all_reduce_sum(flags, self.process)
+        if self.skip_nonfinite:
+            return self._decide(PendingHealth(step, flags))
+        ready = None
+        if flags.device.type == "cuda":
+            flags = flags.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        previous, self.pending = self.pending, PendingHealth(step, flags, ready)
+        return False, self._decide(previous)[1] if previous is not None else False
+
+    def settle(self) -> bool:
+        """Read the last step's flags now (raising `NonFiniteError` if it was not finite); whether a stop was
+        agreed. The loop calls it before writing anything and at the end of each epoch."""
+        previous, self.pending = self.pending, None
+        return self._decide(previous)[1] if previous is not None else False
+
+    def _decide(self, health: PendingHealth) -> tuple[bool, bool]:
+        world = self.process.world_size
+        flags = health.read()
         bad_ranks = [r for r in range(world) if flags[r]]
         bad = bool(bad_ranks) or flags[world] > 0
         if bad and not self.skip_nonfinite:
-            raise NonFiniteError(self.nonfinite_message(step, bad_ranks))
+            raise NonFiniteError(self.nonfinite_message(health.step, bad_ranks, int(flags[world + 2]) - 1))
         return bad, flags[world + 1] > 0
 
-    def nonfinite_message(self, step: int, bad_ranks: list[int]) -> str:
+    def nonfinite_message(self, step: int, bad_ranks: list[int], bad_param: int = -1) -> str:
         """Names the first non-finite tensor: the loss (and where), else the first parameter whose gradient
-        is bad (slow path, only on failure)."""
+        was bad (`bad_param`, its index among the parameters with a gradient; -1: not known)."""
         advice = "lower optim.lr, set optim.grad_clip, or set optim.skip_nonfinite: true to skip such steps"
         if bad_ranks:
             where = f" on rank {', '.join(map(str, bad_ranks))}" if self.process.distributed else ""
             return f"step {step}: the loss is not finite (NaN or infinity){where}: {advice}"
-        name = next((n for n, p in self.model.named_parameters()
-                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "(a parameter on another rank)")
+        names = self.graded_names
+        name = names[bad_param] if 0 <= bad_param < len(names) else "a parameter"
         return f"step {step}: the gradient of {name} is not finite (NaN or infinity), the loss is finite: {advice}"
 
     def collect_bounds(self, model: nn.Module) -> None:

@@ -163,6 +163,8 @@ class DeepSpeedEngine(Engine):
                 model_parameters=[p for p in step_module.parameters() if p.requires_grad])
         self.optimizer = self.ds.basic_optimizer if own else optimizer
         self.scheduler = make_scheduler(self.optimizer)
+        if self.cfg.compile:
+            self.ds.compile()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, stop_requested: bool = False) -> StepOutcome:
         """DeepSpeed steps inside its engine, so a micro-batch's loss is checked (with the stop request) before

@@ -1,13 +1,12 @@
 """`engine.kind: single`: one process, the plain module, torch autocast and (fp16) a gradient scaler.
 
-A step: zero the gradients; for each of `engine.grad_accum` micro-batches, forward under autocast and
-backward of loss / grad_accum (scaled under fp16); unscale and take the global gradient norm (one fused
-pass); agree with the other processes on the step's health (`Engine.agree`: non-finite loss or gradient,
-stop request); then either clip to `optim.grad_clip`, step the optimizer, step the schedule and apply the
-parameter bounds, or (a non-finite step under `optim.skip_nonfinite`) drop the gradients and only step the
-schedule. `DDPEngine` reuses the step and only wraps the module and keeps gradients local on all
-micro-batches but the last.
-"""
+A step: zero the gradients; for each of `engine.grad_accum` micro-batches, forward under autocast and backward of
+loss / grad_accum (scaled under fp16; the training module under `torch.compile` with `engine.compile`); unscale and
+take the global gradient norm (one fused pass); agree with the other processes on the step's health
+(`Engine.agree`: non-finite loss or gradient, stop request); then either clip to `optim.grad_clip`, step the
+optimizer, step the schedule and apply the parameter bounds, or (a non-finite step under `optim.skip_nonfinite`)
+drop the gradients and only step the schedule. `DDPEngine` reuses the step and only wraps the module and keeps
+gradients local on all micro-batches but the last. """
 
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,7 +31,7 @@ class LocalEngine(Engine):
               make_scheduler: SchedulerFactory) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, make_scheduler(optimizer)
         self.collect_bounds(model)
-        self.train_module = self.wrap(step_module)
+        self.train_module = self.compiled(self.wrap(step_module))
 
     def wrap(self, step_module: nn.Module) -> nn.Module:
         return step_module
@@ -53,18 +52,20 @@ class LocalEngine(Engine):
             losses.append(loss.detach().float())
             outputs.append(logits.detach().float())
         unscaled = bool(self.grad_clip) or not self.precision.scales_loss
-        grad_norm = None
+        grad_norm = param_norms = None
         if unscaled:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            grad_norm, param_norms = self.gradient_norms()
         # under fp16 loss scaling an infinite gradient is the scaler's to handle (it skips the step)
-        bad, stop = self.agree(step, losses, None if self.precision.scales_loss else grad_norm, stop_requested)
+        scaled = self.precision.scales_loss
+        bad, stop = self.agree(step, losses, None if scaled else grad_norm, stop_requested,
+                               None if scaled else param_norms)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             if unscaled and self.precision.scales_loss:
                 self.scaler.update()  # closes the unscale_ above; lowers the scale as after an overflow
         else:
-            if self.grad_clip:
+            if self.grad_clip and grad_norm is not None:
                 nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()

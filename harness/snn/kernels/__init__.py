@@ -1,0 +1,210 @@
+"""Which implementation of the DSR neuron's time loop runs: the plain reference or a fused kernel.
+
+`reference.py` is the plain PyTorch loop (several elementwise passes over memory per time step) and states the
+math. The fused kernels run the whole loop in one pass, reading the input once and writing the spikes once,
+plus the `[B, ...]` representation the backward keeps; the backward reads the upstream gradient once and
+writes the input gradient once:
+  - CPU: a C++ extension (`csrc/dsr_neuron.cpp`, built with the machine's compiler the first time it is used
+    and cached by torch; `python -m harness.snn.kernels` builds it ahead, as `make install` does);
+  - CUDA: Triton kernels (`triton_neuron.py`).
+Both reproduce the reference's roundings: on the same device and dtype the spikes are bit-identical, the
+representations too, and the gradients agree to float round-off (the sums over T run in another order).
+
+The choice is process-wide (`select`; the trainer sets it from `engine.neuron_kernel`): `plain`, `fused`
+(refused with one line where no fused kernel can run), or `auto` (the default): fused where it can run,
+the plain loop otherwise (float64 on CUDA, no compiler, no Triton). The fused kernels are torch custom
+operators (`torch.ops.harness_dsr.*`) with shape functions, so `torch.compile` traces through them.
+"""
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from harness.errors import HarnessError
+from harness.snn.kernels import reference
+
+KERNEL_CHOICES = ("auto", "plain", "fused")
+log = logging.getLogger(__name__)
+
+
+class KernelError(HarnessError):
+    """The fused neuron was asked for where it cannot run."""
+
+
+_choice = "auto"
+_status: dict[str, tuple[bool, str]] = {}  # device type -> (available, why not)
+
+
+def select(choice: str) -> None:
+    """Use `choice` (one of KERNEL_CHOICES) from now on in this process."""
+    global _choice
+    if choice not in KERNEL_CHOICES:
+        raise KernelError(f"engine.neuron_kernel: {choice!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    _choice = choice
+
+
+def selected() -> str:
+    return _choice
+
+
+@contextmanager
+def using(choice: str) -> Iterator[None]:
+    """`select(choice)` for the block, then the previous choice again."""
+    before = _choice
+    select(choice)
+    try:
+        yield
+    finally:
+        select(before)
+
+
+def fused_status(device_type: str) -> tuple[bool, str]:
+    """`(available, reason if not)` for the fused kernel on `device_type` ('cpu', 'cuda'); tried once."""
+    if device_type not in _status:
+        _status[device_type] = _probe(device_type)
+    return _status[device_type]
+
+
+def _probe(device_type: str) -> tuple[bool, str]:
+    if device_type == "cpu":
+        from harness.snn.kernels import cpu_extension
+
+        return cpu_extension.status()
+    if device_type == "cuda":
+        try:
+            from harness.snn.kernels import triton_neuron  # noqa: F401
+        except ImportError as e:  # pragma: no cover  (torch's CUDA wheels ship Triton)
+            return False, f"Triton is not importable ({e})"
+        return True, ""
+    return False, f"no fused kernel for device type {device_type!r}"
+
+
+def check_selected(device_type: str) -> None:
+    """Raise `KernelError` (one line) when `fused` is selected and cannot run on `device_type`; otherwise try the
+    fused kernel now (an `auto` choice builds the CPU extension here, before any step, not inside a compiled one)."""
+    available, reason = fused_status(device_type)
+    if _choice == "fused" and not available:
+        raise KernelError(f"engine.neuron_kernel: fused cannot run on {device_type}: {reason}; use auto or plain")
+
+
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once, while tracing, instead of tracing it
+def _fused_available(device_type: str) -> bool:
+    return fused_status(device_type)[0]
+
+
+def _fused(x: Tensor) -> bool:
+    if _choice == "plain" or (x.device.type == "cuda" and x.dtype == torch.float64):
+        return False
+    if not _fused_available(x.device.type):
+        check_selected(x.device.type)  # raises when fused was asked for
+        return False
+    return True
+
+
+def _backend(device_type: str):
+    if device_type == "cuda":
+        from harness.snn.kernels import triton_neuron
+
+        return triton_neuron
+    from harness.snn.kernels import cpu_extension
+
+    return cpu_extension.load()
+
+
+# ------------------------------------------------------------------------------------------ custom operators
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _dense(x: Tensor) -> Tensor:
+    """`x` itself if it is contiguous or channels-last (the kernels keep that layout: a unit's element sits at the
+    same offset in every time step and in the representation), else a contiguous copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
+def _like(grad: Tensor, rep: Tensor) -> Tensor:
+    """`grad` (`[T*B, ...]`) in the layout of the representation `rep` (`[B, ...]`) the forward wrote."""
+    channels_last = rep.dim() == 4 and not rep.is_contiguous() and rep.is_contiguous(memory_format=torch.channels_last)
+    return grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@torch.library.custom_op("harness_dsr::if_forward", mutates_args=())
+def _if_forward_op(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    out, total = _backend(x.device.type).if_forward(_dense(x), v, threshold, T)
+    return out, total
+
+
+@_if_forward_op.register_fake
+def _(x, v, threshold, T):
+    return torch.empty_like(x), torch.empty_like(x[: x.shape[0] // T], dtype=_acc(x))
+
+
+@torch.library.custom_op("harness_dsr::lif_forward", mutates_args=())
+def _lif_forward_op(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, T: int, beta: float,
+                    decay: float) -> tuple[Tensor, Tensor]:
+    out, total = _backend(x.device.type).lif_forward(_dense(x), v, threshold, amp, w, T, beta, decay)
+    return out, total
+
+
+@_lif_forward_op.register_fake
+def _(x, v, threshold, amp, w, T, beta, decay):
+    return torch.empty_like(x), torch.empty_like(x[: x.shape[0] // T], dtype=_acc(x))
+
+
+@torch.library.custom_op("harness_dsr::if_backward", mutates_args=())
+def _if_backward_op(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    grad_x, above = _backend(grad_out.device.type).if_backward(_like(grad_out, xbar), xbar, v, T)
+    return grad_x, above
+
+
+@_if_backward_op.register_fake
+def _(grad_out, xbar, v, T):
+    return torch.empty_like(grad_out), torch.empty_like(xbar)
+
+
+@torch.library.custom_op("harness_dsr::lif_backward", mutates_args=())
+def _lif_backward_op(grad_out: Tensor, xhat: Tensor, upper: Tensor, w: Tensor, T: int, tau: float,
+                     w_sum: float) -> tuple[Tensor, Tensor]:
+    grad_x, above = _backend(grad_out.device.type).lif_backward(_like(grad_out, xhat), xhat, upper, w, T, tau, w_sum)
+    return grad_x, above
+
+
+@_lif_backward_op.register_fake
+def _(grad_out, xhat, upper, w, T, tau, w_sum):
+    return torch.empty_like(grad_out), torch.empty_like(xhat)
+
+
+# ------------------------------------------------------------------------------------------ the entry points
+def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """`(spikes [T*B, ...], sum_t x_t [B, ...])`; see `reference.if_forward`."""
+    if _fused(x):
+        return _if_forward_op(x, v, threshold, T)
+    return reference.if_forward(x, v, threshold, T)
+
+
+def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, T: int, beta: float,
+                decay: float) -> tuple[Tensor, Tensor]:
+    """`(outputs [T*B, ...], sum_t w_t x_t [B, ...])`; see `reference.lif_forward`."""
+    if _fused(x):
+        return _lif_forward_op(x, v, threshold, amp, w, T, beta, decay)
+    return reference.lif_forward(x, v, threshold, amp, w, T, beta, decay)
+
+
+def if_backward(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """`(grad_x, G * 1[xbar > V])`; see `reference.if_backward`."""
+    if _fused(grad_out):
+        return _if_backward_op(grad_out, xbar, v, T)
+    return reference.if_backward(grad_out, xbar, v, T)
+
+
+def lif_backward(grad_out: Tensor, xhat: Tensor, upper: Tensor, w: Tensor, T: int, tau: float,
+                 w_sum: float) -> tuple[Tensor, Tensor]:
+    """`(grad_x, G * 1[xhat > V*tau/dt])`; see `reference.lif_backward`."""
+    if _fused(grad_out):
+        return _lif_backward_op(grad_out, xhat, upper, w, T, tau, w_sum)
+    return reference.lif_backward(grad_out, xhat, upper, w, T, tau, w_sum)

@@ -1,0 +1,76 @@
+"""The plain DSR neuron: the reference every fused kernel must reproduce, and the fallback (DSR.md sections 1-3).
+
+All tensors time-merged, time-major: `x`, `spikes`, `grad_out`, `grad_x` are `[T*B, ...]` (viewed `[T, N]`),
+representations `[B, ...]` (`[N]`). Arithmetic in the accumulation dtype `acc` (float32 for fp32/bf16/fp16
+inputs, float64 for float64), spikes and input gradients in the input dtype. The constants are 0-dim tensors
+in `acc`, computed once per call by the caller (`harness.snn.kernels`) so that every implementation compares
+and writes the same values:  threshold = alpha*V,  amp = V/dt (LIF output amplitude).
+
+Forward, u_0 = 0, per element, t = 0..T-1, each operation rounded to `acc` in this order (no fused
+multiply-add: a kernel must reproduce these roundings to give the same spikes):
+  IF:  S += x_t;           u += x_t;                          f = u >= threshold;  u -= f*V;  y_t = f*V
+  LIF: S += w_t*x_t;       u = u*beta;  u = u + x_t*(1-beta);  f = u >= threshold;  u -= f*V;  y_t = f*amp
+returning `(y, S)`; the caller divides S by T (IF: xbar) or by W = sum_t w_t (LIF: xhat).
+Backward, with g_t the upstream gradient:
+  IF:  G = sum_t g_t;              dx_t = (G/T) * 1[0 <= xbar <= V];             above = G * 1[xbar > V]
+  LIF: G = T * sum_t w_t g_t / W;  dx_t = (G/(tau*T)) * 1[0 < xhat < V*tau/dt];   above = G * 1[xhat > V*tau/dt]
+returning `(dx, above)`; the caller sums `above` into the threshold gradient.
+"""
+
+import torch
+from torch import Tensor
+
+from harness.snn.neuron import accumulation_dtype
+from harness.snn.time import fold_time, unfold_time
+
+
+def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    steps = unfold_time(x, T)
+    acc = accumulation_dtype(x)
+    u = torch.zeros_like(steps[0], dtype=acc)
+    input_sum = torch.zeros_like(u)
+    out = torch.empty_like(steps)
+    for t in range(T):
+        x_t = steps[t].to(acc)
+        input_sum += x_t
+        u += x_t
+        spike = (u >= threshold).to(acc) * v
+        u -= spike
+        out[t] = spike
+    return fold_time(out), input_sum
+
+
+def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, T: int, beta: float,
+                decay: float) -> tuple[Tensor, Tensor]:
+    """`w`: the decoding weights `[T]` in `acc`; `decay` = 1 - beta."""
+    steps = unfold_time(x, T)
+    acc = accumulation_dtype(x)
+    u = torch.zeros_like(steps[0], dtype=acc)
+    weighted_input = torch.zeros_like(u)
+    out = torch.empty_like(steps)
+    for t in range(T):
+        x_t = steps[t].to(acc)
+        weighted_input += w[t] * x_t
+        u.mul_(beta)
+        u += x_t * decay
+        fired = (u >= threshold).to(acc)
+        u -= fired * v
+        out[t] = fired * amp
+    return fold_time(out), weighted_input
+
+
+def if_backward(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    G = unfold_time(grad_out, T).to(xbar.dtype).sum(dim=0)
+    grad_step = (G / T) * ((xbar >= 0) & (xbar <= v))
+    grad_x = fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)).to(grad_out.dtype)
+    return grad_x, G * (xbar > v)
+
+
+def lif_backward(grad_out: Tensor, xhat: Tensor, upper: Tensor, w: Tensor, T: int, tau: float,
+                 w_sum: float) -> tuple[Tensor, Tensor]:
+    """`upper` = V*tau/dt (0-dim, `acc`); `w_sum` = W."""
+    steps = unfold_time(grad_out, T).to(xhat.dtype)
+    G = T * torch.tensordot(w, steps, dims=([0], [0])) / w_sum
+    grad_step = (G / (tau * T)) * ((xhat > 0) & (xhat < upper))
+    grad_x = fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)).to(grad_out.dtype)
+    return grad_x, G * (xhat > upper)
