@@ -1,9 +1,9 @@
 # Two entry points for a fresh machine (README.md): `make quickstart` and `make test`.
 # Both create .venv, install the system libraries FFCV needs (Debian/Ubuntu, as root or with sudo) and
-# the project with every extra, pinned by requirements.lock.  EXTRAS=dev skips ffcv/deepspeed/dvs.
+# the project with every extra, pinned by requirements.lock.  EXTRAS=dev skips ffcv/deepspeed/dvs/peer.
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= dev,ffcv,deepspeed,dvs
+EXTRAS ?= dev,ffcv,deepspeed,dvs,peer
 export DS_BUILD_OPS ?= 0
 
 .PHONY: install system-deps quickstart test test-fast lint
@@ -24,6 +24,8 @@ $(INSTALLED): pyproject.toml requirements.lock | $(VENV)/bin/python
 	@$(MAKE) --no-print-directory system-deps
 	$(VENV)/bin/python -m pip install -q -c requirements.lock -e ".[$(EXTRAS)]"
 	@case ",$(EXTRAS)," in *,ffcv,*) $(VENV)/bin/python -m pip install -q --no-deps -c requirements.lock ffcv ;; esac
+	@case ",$(EXTRAS)," in *,peer,*) $(VENV)/bin/python -m pip install -q --no-deps -c requirements.lock spikingjelly ;; esac
+	$(VENV)/bin/python -m harness.snn.kernels  # compiles the CPU fused DSR neuron once (about 30 s), not in a run
 	@touch $@
 
 quickstart: install

@@ -39,15 +39,15 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 PEER=$($PY -c "import spikingjelly.activation_based.neuron" 2>/dev/null && echo "--peer spikingjelly" || echo "")
 
 step exactness 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda or triton"
-step neuron 60 $HARNESS bench neuron --shape 64,32,32 --T 4,8 --batch 128 --precision fp32,bf16 --device cuda \
+step neuron 60 $HARNESS bench neuron --shape 64,32,32 --T 4,8 --batch 128 --precision fp32,bf16 --device cuda $PEER \
   --out-dir "$OUT_DIR"
 for precision in fp32 bf16; do
-  step "step-cifar-$precision" 70 $HARNESS bench step --backbone preact_resnet18_cifar --input-shape 3,32,32 \
+  step "step-cifar-$precision" 70 $HARNESS bench step --backbone preact_resnet18_cifar --input 3,32,32 \
     --methods ann,dsr,sg --T 4,8 --batch 128 --precision $precision --device cuda $PEER --out-dir "$OUT_DIR"
 done
-step step-imagenet-bf16 70 $HARNESS bench step --backbone preact_resnet34 --input-shape 3,224,224 --classes 1000 \
+step step-imagenet-bf16 70 $HARNESS bench step --backbone preact_resnet34 --input 3,224,224 --classes 1000 \
   --methods ann,dsr,sg --T 4 --batch 32 --precision bf16 --device cuda $PEER --out-dir "$OUT_DIR"
-step step-dvs-bf16 40 $HARNESS bench step --backbone vgg11_dvs --input-shape 2,48,48 --methods ann,dsr,sg --T 8 \
+step step-dvs-bf16 40 $HARNESS bench step --backbone vgg11_dvs --input 2,48,48 --methods ann,dsr,sg --T 8 \
   --batch 32 --precision bf16 --device cuda $PEER --out-dir "$OUT_DIR"
 
 DATA=$(mktemp -d)

@@ -136,11 +136,36 @@ def bench_loader(dataset: str, kind: str, root: str | None, beton: str | None, s
                f"({result['samples']} samples in {result['seconds']:.2f} s after {warmup} warm-up batches); {path}")
 
 
-def _int_list(text: str) -> list[int]:
+def _positive_ints(text: str, option: str) -> list[int]:
+    """Comma-separated integers >= 1, or one line naming `option`."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        values = []
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected comma-separated integers >= 1, got {text!r}", param_hint=option)
+    return values
+
+
+def _names(text: str, option: str, what: str, allowed: list[str]) -> list[str]:
+    """Comma-separated names, each one of `allowed` (`what`s), or one line naming `option`."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in allowed]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown {what} {unknown[0]!r}; one of {', '.join(allowed)}"
+                                 if unknown else f"name at least one of {', '.join(allowed)}", param_hint=option)
+    return names
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter("torch sees no CUDA device", param_hint="--device")
+
+
+_PEER_HELP = "Also time SpikingJelly's neurons (spikingjelly, installed with the peer extra)."
 
 
 @bench.command("step")
@@ -148,34 +173,56 @@ def _int_list(text: str) -> list[int]:
 @click.option("--input", "input_shape", default="3,32,32", show_default=True, help="One sample's C,H,W.")
 @click.option("--classes", type=click.IntRange(min=2), default=10, show_default=True)
 @click.option("--methods", "method_names", default="ann,dsr,dsr_repr,sg", show_default=True,
-              help="Comma-separated: ann, dsr, dsr_repr, dsr_repr_nocov, sg, qcfs.")
+              help="Comma-separated: ann, dsr, dsr_repr, dsr_repr_nocov, sg, qcfs (the ANN always runs).")
 @click.option("--T", "time_steps", default="1,2,4,8,16", show_default=True, help="Comma-separated time steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", "--batch", "batch_size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="B, samples per step (the ANN's T rows: T*B).")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed steps.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed steps first.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--peer", "peer_name", default=None, metavar="spikingjelly", help=_PEER_HELP + " Rows sj_dsr, sj_sg.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="results/bench", show_default=True)
 def bench_step(backbone: str, input_shape: str, classes: int, method_names: str, time_steps: str, batch_size: int,
-               steps: int, warmup: int, device: str, precision: str, out_dir: str) -> None:
-    """Training-step time and memory against T, per method, on one backbone (results as JSON)."""
+               steps: int, warmup: int, device: str, precision: str, peer_name: str | None, out_dir: str) -> None:
+    """Training-step time and peak memory against T, per method, on one backbone; the ANN at batch T*B is the
+    floor. A table, and JSON, CSV and PNG in --out-dir."""
     from pathlib import Path
 
     from harness.bench import BENCH_METHODS, run_step_bench
 
-    if device == "cuda":
-        import torch
+    _check_device(device)
+    names = _names(method_names, "--methods", "method", list(BENCH_METHODS))
+    run_step_bench(backbone, names, _positive_ints(time_steps, "--T"), batch_size, classes,
+                   tuple(_positive_ints(input_shape, "--input")), steps, warmup, device, precision, Path(out_dir),
+                   echo=click.echo, peer_name=peer_name)
 
-        if not torch.cuda.is_available():
-            raise click.BadParameter("torch sees no CUDA device", param_hint="--device")
-    names = [m.strip() for m in method_names.split(",") if m.strip()]
-    unknown = [m for m in names if m not in BENCH_METHODS]
-    if unknown or not names:
-        raise click.BadParameter(f"unknown method {unknown[0]!r}; one of {', '.join(BENCH_METHODS)}" if unknown
-                                 else "name at least one method", param_hint="--methods")
-    run_step_bench(backbone, names, _int_list(time_steps),
-                   batch_size, classes, tuple(_int_list(input_shape)), steps, warmup, device, precision,
-                   Path(out_dir), echo=click.echo)
+
+@bench.command("neuron")
+@click.option("--shape", default="64,32,32", show_default=True, help="One sample's C,H,W at the layer.")
+@click.option("--T", "time_steps", default="4,8", show_default=True, help="Comma-separated time steps.")
+@click.option("--batch-size", "--batch", "batch_size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="B (the layer sees T*B samples).")
+@click.option("--neuron", "neurons", default="if,lif", show_default=True, help="Comma-separated: if, lif.")
+@click.option("--precision", "precisions", default="fp32", show_default=True, help="Comma-separated: fp32, bf16.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed calls.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed calls first.")
+@click.option("--peer", "peer_name", default=None, metavar="spikingjelly", help=_PEER_HELP + " Rows sj.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="results/bench", show_default=True)
+def bench_neuron(shape: str, time_steps: str, batch_size: int, neurons: str, precisions: str, device: str,
+                 steps: int, warmup: int, peer_name: str | None, out_dir: str) -> None:
+    """One DSR layer's forward and forward+backward, plain loop and fused kernel, against a clone of its input:
+    ms, bytes moved, GB/s. A table, and JSON, CSV and PNG in --out-dir."""
+    from pathlib import Path
+
+    from harness.bench.neuron import DTYPES, NEURONS, run_neuron_bench
+
+    _check_device(device)
+    run_neuron_bench(tuple(_positive_ints(shape, "--shape")), _positive_ints(time_steps, "--T"), batch_size,
+                     _names(neurons, "--neuron", "neuron", list(NEURONS)),
+                     _names(precisions, "--precision", "precision", list(DTYPES)),
+                     device, steps, warmup, Path(out_dir), echo=click.echo, peer_name=peer_name)
 
 
 @bench.command("backward")

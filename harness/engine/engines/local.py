@@ -6,7 +6,8 @@ take the global gradient norm (one fused pass); agree with the other processes o
 (`Engine.agree`: non-finite loss or gradient, stop request); then either clip to `optim.grad_clip`, step the
 optimizer, step the schedule and apply the parameter bounds, or (a non-finite step under `optim.skip_nonfinite`)
 drop the gradients and only step the schedule. `DDPEngine` reuses the step and only wraps the module and keeps
-gradients local on all micro-batches but the last. """
+gradients local on all micro-batches but the last.
+"""
 
 from contextlib import nullcontext
 from pathlib import Path

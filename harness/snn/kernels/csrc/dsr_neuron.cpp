@@ -18,7 +18,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 2048;
+constexpr int64_t kBlock = 1024;
 constexpr int64_t kGrain = 16384;
 
 template <typename scalar_t, typename acc_t>
