@@ -122,7 +122,7 @@ def test_custom_operators_pass_opcheck():
     xbar = x.view(3, 4, 5).mean(0)
     w = torch.tensor([0.5, 0.7, 1.0])
     torch.library.opcheck(kernels._if_forward_op, (x, v, 0.5 * v, 3))
-    torch.library.opcheck(kernels._lif_forward_op, (x, v, 0.5 * v, v / 0.05, w, 3, 0.95, 0.05))
+    torch.library.opcheck(kernels._lif_forward_op, (x, v, 0.5 * v, v / 0.05, w, w.sum(), 3, 0.95, 0.05))
     torch.library.opcheck(kernels._if_backward_op, (grad, xbar, v, 3))
     torch.library.opcheck(kernels._lif_backward_op, (grad, xbar, v * 20, w, 3, 1.0, 2.2))
 
@@ -150,12 +150,12 @@ for T, shape, dtype in itertools.product([1, 3, 8], [(3,), (5, 3, 7, 9), (2, 150
     w = decoding_weights(T, tau, dt, dtype=torch.float32); w_sum = math.fsum(w.double().tolist())
     a, b = reference.if_forward(x, v, 0.5 * v, T), triton_neuron.if_forward(x, v, 0.5 * v, T)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].count_nonzero() > 0, ("if", T, shape, dtype)
-    a = reference.lif_forward(x, v, 0.3 * v, v / dt, w, T, beta, 1 - beta)
-    b = triton_neuron.lif_forward(x, v, 0.3 * v, v / dt, w, T, beta, 1 - beta)
+    a = reference.lif_forward(x, v, 0.3 * v, v / dt, w, w.sum(), T, beta, 1 - beta)
+    b = triton_neuron.lif_forward(x, v, 0.3 * v, v / dt, w, w.sum(), T, beta, 1 - beta)
     assert torch.equal(a[0], b[0]), ("lif", T, shape, dtype)
     lif_spikes += a[0].count_nonzero().item()
     torch.testing.assert_close(b[1], a[1], rtol=1e-6, atol=1e-6)
-    rep = a[1] / w.sum()
+    rep = a[1]
     for ref, fused in [(reference.if_backward(grad, rep, v, T), triton_neuron.if_backward(grad, rep, v, T)),
                        (reference.lif_backward(grad, rep, v * 20, w, T, tau, w_sum),
                         triton_neuron.lif_backward(grad, rep, v * 20, w, T, tau, w_sum))]:

@@ -8,6 +8,8 @@ the highest memory since, minus that baseline, in MiB:
     Where the peak cannot be reset (not Linux), `peak_mb()` is None.
 """
 
+import ctypes
+import ctypes.util
 import gc
 import re
 from pathlib import Path
@@ -26,6 +28,21 @@ def _reset_peak_rss() -> bool:
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
+        return False
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's allocator reuse freed memory instead of unmapping it: no `mmap` for large blocks, no trimming of
+    the heap (`mallopt`). A CPU bench then times memory traffic on warm pages, as a caching allocator (PyTorch's
+    CUDA one) gives a GPU, not the page faults of fresh 32 MiB+ mappings. Peak RSS still counts what is in use at
+    the peak. False where the C library is not glibc (nothing changed)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30 - 1))
+    except (OSError, AttributeError):
         return False
 
 

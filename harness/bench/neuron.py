@@ -3,20 +3,23 @@
 For each neuron kind (`DSRIF(T)` / `DSRLIF(T)`, their defaults), T and precision, the layer runs on a random
 input `x` of shape `[T*B, *shape]` in the precision's dtype (scaled by the layer's output amplitude, V for IF
 and V/dt for LIF, so that it fires), in two passes:
-  - `forward`: `layer(x)` without autograd; the floor is one `x.clone()` (one read and one write of the
-    input, which a fused forward must at least do);
-  - `forward+backward`: `layer(x)` then its backward from a fixed upstream gradient `g`; the floor is two
-    clones, `x.clone()` and `g.clone()`.
+  - `forward`: `layer(x)` without autograd;
+  - `forward+backward`: `layer(x)` then its backward from a fixed upstream gradient `g`;
+both against one `x.clone()` (one read and one write of the input, which a fused forward must at least do;
+forward+backward must do it twice: its floor is 2x).
 Implementations: `plain` and `fused` (`harness.snn.kernels.using`; `fused` only where `fused_status` says it
 runs), and with `peer="spikingjelly"` SpikingJelly's `DSRIFNode` / `DSRLIFNode` (`sj`, `harness.bench.peer`).
 Per row: `ms` (median of `steps` calls after `warmup`: CUDA events on a GPU, `perf_counter` on the CPU),
-`vs_clone` (over the floor of the same pass), `mb_moved` and `gb_per_s` (10^6 and 10^9 bytes). With
+`vs_clone` (over one clone of the input), `mb_moved` and `gb_per_s` (10^6 and 10^9 bytes). With
 N = B * prod(shape) and e the element size of the input dtype, the bytes a pass must move are
   forward:  T*N*e read (input) + T*N*e written (spikes) + 4*N written (the float32 representation);
   backward: T*N*e read (upstream gradient) + T*N*e written (input gradient);
   clone:    2*T*N*e (each);
 one count per pass for every implementation (the layer's least traffic), so `gb_per_s` puts them on one
-scale (SpikingJelly's node moves more: it saves its input and writes float32 spikes). Results go to
+scale (SpikingJelly's node moves more: it saves its input and writes float32 spikes). On the CPU glibc's
+allocator is told to keep freed memory (`memory.keep_freed_memory`), as PyTorch's CUDA caching allocator does:
+otherwise every tensor above 32 MiB is a fresh mapping whose page faults cost more than the copy itself, and
+whether a size crosses that line, not the kernel, would decide the ratios. Results go to
 `<out_dir>/neuron_<device>_<C>x<H>x<W>_B<B>.{json,csv,png}` (the PNG: each row's time over its floor).
 """
 
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 from harness.bench import output, peer
+from harness.bench.memory import keep_freed_memory
 from harness.bench.step import resolve_device
 from harness.snn import DSRIF, DSRLIF, kernels
 
@@ -67,12 +71,10 @@ def median_ms(fn: Callable[[], object], steps: int, warmup: int, device: torch.d
     return statistics.median(times)
 
 
-def bytes_moved(pass_name: str, T: int, n: int, element: int) -> dict[str, int]:
-    """Least bytes each implementation of `pass_name` moves (module docstring): `{"layer": ..., "clone": ...}`."""
+def bytes_moved(pass_name: str, T: int, n: int, element: int) -> int:
+    """Least bytes a layer's `pass_name` moves (module docstring)."""
     forward = 2 * T * n * element + 4 * n
-    if pass_name == "forward":
-        return {"layer": forward, "clone": 2 * T * n * element}
-    return {"layer": forward + 2 * T * n * element, "clone": 4 * T * n * element}
+    return forward if pass_name == "forward" else forward + 2 * T * n * element
 
 
 def _calls(layer, x: torch.Tensor, g: torch.Tensor, impl: str | None) -> dict[str, Callable[[], object]]:
@@ -104,19 +106,17 @@ def measure_case(kind: str, T: int, precision: str, shape: tuple[int, ...], batc
     layers = {impl: (layer, impl) for impl in impls}
     if peer_name:
         layers["sj"] = (peer.twin(layer).to(device), None)
-    floors = {"forward": lambda: x.clone(), "forward+backward": lambda: (x.clone(), g.clone())}
     n, element = batch * math.prod(shape), x.element_size()
-    rows = []
+    clone_ms = median_ms(lambda: x.clone(), steps, warmup, device)
+    clone_bytes = 2 * T * n * element
+    rows = [{"neuron": kind, "T": T, "precision": precision, "pass": "clone", "impl": "clone", "ms": clone_ms,
+             "vs_clone": 1.0, "mb_moved": clone_bytes / 1e6, "gb_per_s": clone_bytes / clone_ms / 1e6}]
     for pass_name in PASSES:
         moved = bytes_moved(pass_name, T, n, element)
-        clone_ms = median_ms(floors[pass_name], steps, warmup, device)
-        common = {"neuron": kind, "T": T, "precision": precision, "pass": pass_name}
-        rows.append({**common, "impl": "clone" if pass_name == "forward" else "clone x2", "ms": clone_ms,
-                     "vs_clone": 1.0, "mb_moved": moved["clone"] / 1e6, "gb_per_s": moved["clone"] / clone_ms / 1e6})
         for name, (module, impl) in layers.items():
             ms = median_ms(_calls(module, x, g, impl)[pass_name], steps, warmup, device)
-            rows.append({**common, "impl": name, "ms": ms, "vs_clone": ms / clone_ms,
-                         "mb_moved": moved["layer"] / 1e6, "gb_per_s": moved["layer"] / ms / 1e6})
+            rows.append({"neuron": kind, "T": T, "precision": precision, "pass": pass_name, "impl": name, "ms": ms,
+                         "vs_clone": ms / clone_ms, "mb_moved": moved / 1e6, "gb_per_s": moved / ms / 1e6})
     return rows
 
 
@@ -128,6 +128,8 @@ def run_neuron_bench(shape: tuple[int, ...], time_steps: list[int], batch: int, 
     dev = resolve_device(device)
     if peer_name:
         peer.require(peer_name)
+    if dev.type == "cpu":
+        keep_freed_memory()
     fused, why_not = kernels.fused_status(dev.type)
     impls = ["plain", "fused"] if fused else ["plain"]
     if not fused:
@@ -150,10 +152,10 @@ def run_neuron_bench(shape: tuple[int, ...], time_steps: list[int], batch: int, 
 
 
 def plot(result: dict, path: Path) -> None:
-    """Per pass, a bar per implementation and (neuron, T, precision): its time over the floor's."""
+    """Per pass, a bar per implementation and (neuron, T, precision): its time over one clone's."""
     fig, axes = output.figure(len(PASSES))
     for ax, pass_name in zip(axes, PASSES, strict=True):
-        rows = [r for r in result["rows"] if r["pass"] == pass_name and not r["impl"].startswith("clone")]
+        rows = [r for r in result["rows"] if r["pass"] == pass_name]
         cases = list(dict.fromkeys((r["neuron"], r["T"], r["precision"]) for r in rows))
         impls = list(dict.fromkeys(r["impl"] for r in rows))
         width = 0.8 / max(len(impls), 1)
@@ -161,11 +163,11 @@ def plot(result: dict, path: Path) -> None:
             ratio = {(r["neuron"], r["T"], r["precision"]): r["vs_clone"] for r in rows if r["impl"] == impl}
             ax.bar([c + i * width for c in range(len(cases))], [ratio.get(case, 0.0) for case in cases], width,
                    label=impl)
-        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="clone" if pass_name == "forward"
-                   else "two clones")
+        ax.axhline(1.0 if pass_name == "forward" else 2.0, color="black", linestyle="--", linewidth=1,
+                   label="floor: one clone" if pass_name == "forward" else "floor: two clones")
         ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))],
                       [f"{k} T={T}\n{p}" for k, T, p in cases], fontsize="small")
-        ax.set_ylabel("time over the floor's")
+        ax.set_ylabel("time over one clone of the input")
         ax.set_title(f"{pass_name}, [T*{result['batch']}, {'x'.join(map(str, result['shape']))}], "
                      f"{result['device']}")
         ax.legend(fontsize="small")

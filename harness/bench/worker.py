@@ -8,6 +8,7 @@ that configuration alone.
 import json
 import sys
 
+from harness.bench.memory import keep_freed_memory
 from harness.bench.step import StepConfig, measure
 from harness.errors import HarnessError
 
@@ -15,6 +16,7 @@ from harness.errors import HarnessError
 def main(argv: list[str]) -> int:
     fields = json.loads(argv[0])
     config = StepConfig(**{**fields, "input_shape": tuple(fields["input_shape"])})
+    keep_freed_memory()  # the worker runs on the CPU (on CUDA the bench measures in its own process)
     try:
         row = measure(config)
     except HarnessError as e:

@@ -40,8 +40,8 @@ def if_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float) -> tuple[Tensor, T
     accumulation dtype. Exact and representation modes share it; the loop runs in `harness.snn.kernels`
     (plain or fused, the same spikes)."""
     v, threshold = _constants(vth, alpha, accumulation_dtype(x))
-    out, input_sum = kernels.if_forward(x, v, threshold, T)
-    return out, input_sum / T, v
+    out, xbar = kernels.if_forward(x, v, threshold, T)
+    return out, xbar, v
 
 
 def lif_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float, tau: float, dt: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -50,8 +50,8 @@ def lif_dynamics(x: Tensor, vth: Tensor, T: int, alpha: float, tau: float, dt: f
     v, threshold = _constants(vth, alpha, acc)
     beta = math.exp(-dt / tau)
     w = decoding_weights(T, tau, dt, device=x.device, dtype=acc)
-    out, weighted_input = kernels.lif_forward(x, v, threshold, v / dt, w, T, beta, 1.0 - beta)
-    return out, weighted_input / w.sum(), v
+    out, xhat = kernels.lif_forward(x, v, threshold, v / dt, w, w.sum(), T, beta, 1.0 - beta)
+    return out, xhat, v
 
 
 class _DSRIFFunction(torch.autograd.Function):

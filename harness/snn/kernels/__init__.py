@@ -145,14 +145,14 @@ def _(x, v, threshold, T):
 
 
 @torch.library.custom_op("harness_dsr::lif_forward", mutates_args=())
-def _lif_forward_op(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, T: int, beta: float,
-                    decay: float) -> tuple[Tensor, Tensor]:
-    out, total = _backend(x.device.type).lif_forward(_dense(x), v, threshold, amp, w, T, beta, decay)
+def _lif_forward_op(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, w_sum: Tensor, T: int,
+                    beta: float, decay: float) -> tuple[Tensor, Tensor]:
+    out, total = _backend(x.device.type).lif_forward(_dense(x), v, threshold, amp, w, w_sum, T, beta, decay)
     return out, total
 
 
 @_lif_forward_op.register_fake
-def _(x, v, threshold, amp, w, T, beta, decay):
+def _(x, v, threshold, amp, w, w_sum, T, beta, decay):
     return torch.empty_like(x), torch.empty_like(x[: x.shape[0] // T], dtype=_acc(x))
 
 
@@ -181,18 +181,18 @@ def _(grad_out, xhat, upper, w, T, tau, w_sum):
 
 # ------------------------------------------------------------------------------------------ the entry points
 def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
-    """`(spikes [T*B, ...], sum_t x_t [B, ...])`; see `reference.if_forward`."""
+    """`(spikes [T*B, ...], xbar [B, ...])`; see `reference.if_forward`."""
     if _fused(x):
         return _if_forward_op(x, v, threshold, T)
     return reference.if_forward(x, v, threshold, T)
 
 
-def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, T: int, beta: float,
+def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, w_sum: Tensor, T: int, beta: float,
                 decay: float) -> tuple[Tensor, Tensor]:
-    """`(outputs [T*B, ...], sum_t w_t x_t [B, ...])`; see `reference.lif_forward`."""
+    """`(outputs [T*B, ...], xhat [B, ...])`; see `reference.lif_forward`."""
     if _fused(x):
-        return _lif_forward_op(x, v, threshold, amp, w, T, beta, decay)
-    return reference.lif_forward(x, v, threshold, amp, w, T, beta, decay)
+        return _lif_forward_op(x, v, threshold, amp, w, w_sum, T, beta, decay)
+    return reference.lif_forward(x, v, threshold, amp, w, w_sum, T, beta, decay)
 
 
 def if_backward(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:

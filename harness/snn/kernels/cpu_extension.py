@@ -4,6 +4,8 @@ torch's `cpp_extension.load` builds it once (about a minute) into torch's extens
 (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), keyed by the source and the flags, and
 loads the cached library afterwards (a fraction of a second); concurrent processes wait on its lock.
 `-ffp-contract=off`: the compiler must not fuse a multiply and an add (the reference rounds both);
+`-fno-trapping-math`: masks such as `G * (xbar > V)` may be computed without a branch (so the loops vectorise;
+  every value stays the IEEE result the reference computes: no reassociation, no contraction);
 `-fopenmp`: ATen's `parallel_for` is inlined into the extension and runs serially without it.
 """
 
@@ -16,7 +18,7 @@ from torch.utils import cpp_extension  # noqa: E402
 
 NAME = "harness_dsr_neuron"
 SOURCE = Path(__file__).parent / "csrc" / "dsr_neuron.cpp"
-FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # OpenMP: at::parallel_for is serial without it
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
 
 _module = None
 _error: str | None = None

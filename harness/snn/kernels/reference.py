@@ -10,7 +10,7 @@ Forward, u_0 = 0, per element, t = 0..T-1, each operation rounded to `acc` in th
 multiply-add: a kernel must reproduce these roundings to give the same spikes):
   IF:  S += x_t;           u += x_t;                          f = u >= threshold;  u -= f*V;  y_t = f*V
   LIF: S += w_t*x_t;       u = u*beta;  u = u + x_t*(1-beta);  f = u >= threshold;  u -= f*V;  y_t = f*amp
-returning `(y, S)`; the caller divides S by T (IF: xbar) or by W = sum_t w_t (LIF: xhat).
+returning `(y, S/T)` (IF: xbar) or `(y, S/W)` (LIF: xhat, W = sum_t w_t given as the 0-dim tensor `w_sum`).
 Backward, with g_t the upstream gradient:
   IF:  G = sum_t g_t;              dx_t = (G/T) * 1[0 <= xbar <= V];             above = G * 1[xbar > V]
   LIF: G = T * sum_t w_t g_t / W;  dx_t = (G/(tau*T)) * 1[0 < xhat < V*tau/dt];   above = G * 1[xhat > V*tau/dt]
@@ -37,12 +37,12 @@ def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor,
         spike = (u >= threshold).to(acc) * v
         u -= spike
         out[t] = spike
-    return fold_time(out), input_sum
+    return fold_time(out), input_sum / T
 
 
-def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, T: int, beta: float,
+def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, w_sum: Tensor, T: int, beta: float,
                 decay: float) -> tuple[Tensor, Tensor]:
-    """`w`: the decoding weights `[T]` in `acc`; `decay` = 1 - beta."""
+    """`w`: the decoding weights `[T]` in `acc`, `w_sum` their sum (0-dim); `decay` = 1 - beta."""
     steps = unfold_time(x, T)
     acc = accumulation_dtype(x)
     u = torch.zeros_like(steps[0], dtype=acc)
@@ -56,7 +56,7 @@ def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor,
         fired = (u >= threshold).to(acc)
         u -= fired * v
         out[t] = fired * amp
-    return fold_time(out), weighted_input
+    return fold_time(out), weighted_input / w_sum
 
 
 def if_backward(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:

@@ -102,16 +102,16 @@ def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor,
     out, input_sum = torch.empty_like(x), _rep_like(x, T)
     n = input_sum.numel()
     _if_forward_kernel[_grid(n)](x, out, input_sum, v, threshold, T, n, ACC=_acc(x), BLOCK=BLOCK)
-    return out, input_sum
+    return out, input_sum / T  # torch's own division, as the plain loop's (CUDA divides by a scalar as a * (1/T))
 
 
-def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, T: int, beta: float,
+def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, w_sum: Tensor, T: int, beta: float,
                 decay: float) -> tuple[Tensor, Tensor]:
     out, weighted_input = torch.empty_like(x), _rep_like(x, T)
     n = weighted_input.numel()
     _lif_forward_kernel[_grid(n)](x, out, weighted_input, w.contiguous(), v, threshold, amp, beta, decay, T, n,
                                   ACC=_acc(x), BLOCK=BLOCK, enable_fp_fusion=False)
-    return out, weighted_input
+    return out, weighted_input / w_sum
 
 
 def if_backward(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:

@@ -22,8 +22,9 @@ constexpr int64_t kBlock = 1024;
 constexpr int64_t kGrain = 16384;
 
 template <typename scalar_t, typename acc_t>
-void if_forward_kernel(const scalar_t* x, scalar_t* out, acc_t* input_sum, int64_t T, int64_t N, acc_t v,
+void if_forward_kernel(const scalar_t* x, scalar_t* out, acc_t* xbar, int64_t T, int64_t N, acc_t v,
                        acc_t threshold) {
+  const acc_t steps = static_cast<acc_t>(T);
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     acc_t u[kBlock];
     acc_t s[kBlock];
@@ -45,13 +46,13 @@ void if_forward_kernel(const scalar_t* x, scalar_t* out, acc_t* input_sum, int64
           yt[i] = static_cast<scalar_t>(spike);
         }
       }
-      std::copy(s, s + n, input_sum + b0);
+      for (int64_t i = 0; i < n; ++i) xbar[b0 + i] = s[i] / steps;  // a true division, as torch's on the CPU
     }
   });
 }
 
 template <typename scalar_t, typename acc_t>
-void lif_forward_kernel(const scalar_t* x, scalar_t* out, acc_t* weighted_input, const acc_t* w, int64_t T,
+void lif_forward_kernel(const scalar_t* x, scalar_t* out, acc_t* xhat, const acc_t* w, acc_t w_sum, int64_t T,
                         int64_t N, acc_t v, acc_t threshold, acc_t amp, acc_t beta, acc_t decay) {
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     acc_t u[kBlock];
@@ -78,7 +79,7 @@ void lif_forward_kernel(const scalar_t* x, scalar_t* out, acc_t* weighted_input,
           yt[i] = static_cast<scalar_t>(fired * amp);
         }
       }
-      std::copy(s, s + n, weighted_input + b0);
+      for (int64_t i = 0; i < n; ++i) xhat[b0 + i] = s[i] / w_sum;
     }
   });
 }
@@ -95,19 +96,24 @@ void backward_kernel(const scalar_t* grad_out, const acc_t* rep, scalar_t* grad_
       std::fill(G, G + n, acc_t(0));
       for (int64_t t = 0; t < T; ++t) {
         const scalar_t* gt = grad_out + t * N + b0;
-        if (kLeaky) {
+        if constexpr (kLeaky) {
           const acc_t wt = w[t];
           for (int64_t i = 0; i < n; ++i) G[i] += wt * static_cast<acc_t>(gt[i]);
         } else {
           for (int64_t i = 0; i < n; ++i) G[i] += static_cast<acc_t>(gt[i]);
         }
       }
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = 0; i < n; ++i) {  // masks as 0/1 products: no branch, so the loop vectorises
         const acc_t r = rep[b0 + i];
-        if (kLeaky) G[i] = static_cast<acc_t>(T) * G[i] / w_div;  // T * S / W
-        const bool in_range = kLeaky ? (r > acc_t(0) && r < upper) : (r >= acc_t(0) && r <= upper);
+        acc_t in_range;
+        if constexpr (kLeaky) {
+          G[i] = static_cast<acc_t>(T) * G[i] / w_div;  // T * S / W
+          in_range = static_cast<acc_t>(r > acc_t(0)) * static_cast<acc_t>(r < upper);
+        } else {
+          in_range = static_cast<acc_t>(r >= acc_t(0)) * static_cast<acc_t>(r <= upper);
+        }
         above[b0 + i] = G[i] * static_cast<acc_t>(r > upper);
-        G[i] = G[i] / dx_div * static_cast<acc_t>(in_range);
+        G[i] = G[i] / dx_div * in_range;
       }
       for (int64_t t = 0; t < T; ++t) {
         scalar_t* dt = grad_x + t * N + b0;
@@ -136,31 +142,31 @@ torch::Tensor rep_like(const torch::Tensor& x, int64_t T) {
 std::vector<torch::Tensor> if_forward(torch::Tensor x, torch::Tensor v, torch::Tensor threshold, int64_t T) {
   check_input(x, T, "if_forward");
   auto out = torch::empty_like(x);
-  auto input_sum = rep_like(x, T);
+  auto xbar = rep_like(x, T);
   const int64_t N = x.numel() / T;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsr_if_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if_forward_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), input_sum.data_ptr<acc_t>(),
-                                       T, N, v.item<acc_t>(), threshold.item<acc_t>());
+    if_forward_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), xbar.data_ptr<acc_t>(), T,
+                                       N, v.item<acc_t>(), threshold.item<acc_t>());
   });
-  return {out, input_sum};
+  return {out, xbar};
 }
 
 std::vector<torch::Tensor> lif_forward(torch::Tensor x, torch::Tensor v, torch::Tensor threshold, torch::Tensor amp,
-                                       torch::Tensor w, int64_t T, double beta, double decay) {
+                                       torch::Tensor w, torch::Tensor w_sum, int64_t T, double beta, double decay) {
   check_input(x, T, "lif_forward");
   auto out = torch::empty_like(x);
-  auto weighted_input = rep_like(x, T);
+  auto xhat = rep_like(x, T);
   const int64_t N = x.numel() / T;
   auto wc = w.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsr_lif_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     lif_forward_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                        weighted_input.data_ptr<acc_t>(), wc.data_ptr<acc_t>(), T, N,
+                                        xhat.data_ptr<acc_t>(), wc.data_ptr<acc_t>(), w_sum.item<acc_t>(), T, N,
                                         v.item<acc_t>(), threshold.item<acc_t>(), amp.item<acc_t>(),
                                         static_cast<acc_t>(beta), static_cast<acc_t>(decay));
   });
-  return {out, weighted_input};
+  return {out, xhat};
 }
 
 std::vector<torch::Tensor> if_backward(torch::Tensor grad_out, torch::Tensor xbar, torch::Tensor v, int64_t T) {
