@@ -36,6 +36,7 @@ class KernelError(HarnessError):
 
 _choice = "auto"
 _status: dict[str, tuple[bool, str]] = {}  # device type -> (available, why not)
+_warned: set[str] = set()  # device types whose fallback to the plain loop was reported
 
 
 def select(choice: str) -> None:
@@ -88,6 +89,10 @@ def check_selected(device_type: str) -> None:
     available, reason = fused_status(device_type)
     if _choice == "fused" and not available:
         raise KernelError(f"engine.neuron_kernel: fused cannot run on {device_type}: {reason}; use auto or plain")
+    if _choice == "auto" and not available and device_type not in _warned:
+        _warned.add(device_type)
+        log.warning("the fused DSR neuron cannot run on %s (%s); the plain loop runs instead (same spikes, slower)",
+                    device_type, reason)
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once, while tracing, instead of tracing it

@@ -10,6 +10,7 @@ Forward, u_0 = 0, per element, t = 0..T-1, each operation rounded to `acc` in th
 multiply-add: a kernel must reproduce these roundings to give the same spikes):
   IF:  S += x_t;           u += x_t;                          f = u >= threshold;  u -= f*V;  y_t = f*V
   LIF: S += w_t*x_t;       u = u*beta;  u = u + x_t*(1-beta);  f = u >= threshold;  u -= f*V;  y_t = f*amp
+(f is 0 or 1 in `acc`, so f*V is exactly V or 0.)
 returning `(y, S/T)` (IF: xbar) or `(y, S/W)` (LIF: xhat, W = sum_t w_t given as the 0-dim tensor `w_sum`).
 Backward, with g_t the upstream gradient:
   IF:  G = sum_t g_t;              dx_t = (G/T) * 1[0 <= xbar <= V];             above = G * 1[xbar > V]
@@ -24,39 +25,41 @@ from harness.snn.neuron import accumulation_dtype
 from harness.snn.time import fold_time, unfold_time
 
 
-def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
+def _time_loop(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, T: int, integrate) -> tuple[Tensor, Tensor]:
+    """The loop both neurons share: `integrate(u, S, x_t, t)` updates the potential and the input sum in place,
+    then f = u >= threshold, u -= f*V, y_t = f*amp. Returns `(y, S)`."""
     steps = unfold_time(x, T)
     acc = accumulation_dtype(x)
     u = torch.zeros_like(steps[0], dtype=acc)
-    input_sum = torch.zeros_like(u)
+    total = torch.zeros_like(u)
     out = torch.empty_like(steps)
     for t in range(T):
-        x_t = steps[t].to(acc)
-        input_sum += x_t
+        integrate(u, total, steps[t].to(acc), t)
+        fired = (u >= threshold).to(acc)
+        u -= fired * v
+        out[t] = fired * amp
+    return fold_time(out), total
+
+
+def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    def integrate(u: Tensor, total: Tensor, x_t: Tensor, t: int) -> None:
+        total += x_t
         u += x_t
-        spike = (u >= threshold).to(acc) * v
-        u -= spike
-        out[t] = spike
-    return fold_time(out), input_sum / T
+
+    out, input_sum = _time_loop(x, v, threshold, v, T, integrate)
+    return out, input_sum / T
 
 
 def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, w_sum: Tensor, T: int, beta: float,
                 decay: float) -> tuple[Tensor, Tensor]:
     """`w`: the decoding weights `[T]` in `acc`, `w_sum` their sum (0-dim); `decay` = 1 - beta."""
-    steps = unfold_time(x, T)
-    acc = accumulation_dtype(x)
-    u = torch.zeros_like(steps[0], dtype=acc)
-    weighted_input = torch.zeros_like(u)
-    out = torch.empty_like(steps)
-    for t in range(T):
-        x_t = steps[t].to(acc)
-        weighted_input += w[t] * x_t
+    def integrate(u: Tensor, total: Tensor, x_t: Tensor, t: int) -> None:
+        total += w[t] * x_t
         u.mul_(beta)
         u += x_t * decay
-        fired = (u >= threshold).to(acc)
-        u -= fired * v
-        out[t] = fired * amp
-    return fold_time(out), weighted_input / w_sum
+
+    out, weighted_input = _time_loop(x, v, threshold, amp, T, integrate)
+    return out, weighted_input / w_sum
 
 
 def if_backward(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:

@@ -26,28 +26,11 @@ def _grid(n: int):
     return (triton.cdiv(n, BLOCK),)
 
 
+# IF (`LEAKY` false: S += x_t, u += x_t; amp = V) or LIF (S += w_t*x_t, u = u*beta, u = u + x_t*decay); then
+# f = u >= alpha*V, u -= f*V, y_t = f*amp. Writes y and S.
 @triton.jit
-def _if_forward_kernel(x_ptr, out_ptr, sum_ptr, v_ptr, th_ptr, T, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    v = tl.load(v_ptr).to(ACC)
-    th = tl.load(th_ptr).to(ACC)
-    u = tl.zeros([BLOCK], ACC)
-    s = tl.zeros([BLOCK], ACC)
-    for t in range(T):
-        base = t * N
-        xi = tl.load(x_ptr + base + offs, mask=mask, other=0).to(ACC)
-        s += xi
-        u += xi
-        spike = (u >= th).to(ACC) * v
-        u -= spike
-        tl.store(out_ptr + base + offs, spike.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(sum_ptr + offs, s, mask=mask)
-
-
-@triton.jit
-def _lif_forward_kernel(x_ptr, out_ptr, sum_ptr, w_ptr, v_ptr, th_ptr, amp_ptr, beta, decay, T, N,
-                        ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(x_ptr, out_ptr, sum_ptr, w_ptr, v_ptr, th_ptr, amp_ptr, beta, decay, T, N,
+                    LEAKY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     v = tl.load(v_ptr).to(ACC)
@@ -58,10 +41,13 @@ def _lif_forward_kernel(x_ptr, out_ptr, sum_ptr, w_ptr, v_ptr, th_ptr, amp_ptr, 
     for t in range(T):
         base = t * N
         xi = tl.load(x_ptr + base + offs, mask=mask, other=0).to(ACC)
-        wt = tl.load(w_ptr + t).to(ACC)
-        s += wt * xi
-        u = u * beta
-        u = u + xi * decay
+        if LEAKY:
+            s += tl.load(w_ptr + t).to(ACC) * xi
+            u = u * beta
+            u = u + xi * decay
+        else:
+            s += xi
+            u += xi
         fired = (u >= th).to(ACC)
         u -= fired * v
         tl.store(out_ptr + base + offs, (fired * amp).to(out_ptr.dtype.element_ty), mask=mask)
@@ -101,7 +87,8 @@ def _rep_like(x: Tensor, T: int) -> Tensor:
 def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
     out, input_sum = torch.empty_like(x), _rep_like(x, T)
     n = input_sum.numel()
-    _if_forward_kernel[_grid(n)](x, out, input_sum, v, threshold, T, n, ACC=_acc(x), BLOCK=BLOCK)
+    _forward_kernel[_grid(n)](x, out, input_sum, v, v, threshold, v, 1.0, 0.0, T, n, LEAKY=False, ACC=_acc(x),
+                              BLOCK=BLOCK, enable_fp_fusion=False)
     return out, input_sum / T  # torch's own division, as the plain loop's (CUDA divides by a scalar as a * (1/T))
 
 
@@ -109,8 +96,8 @@ def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor,
                 decay: float) -> tuple[Tensor, Tensor]:
     out, weighted_input = torch.empty_like(x), _rep_like(x, T)
     n = weighted_input.numel()
-    _lif_forward_kernel[_grid(n)](x, out, weighted_input, w.contiguous(), v, threshold, amp, beta, decay, T, n,
-                                  ACC=_acc(x), BLOCK=BLOCK, enable_fp_fusion=False)
+    _forward_kernel[_grid(n)](x, out, weighted_input, w.contiguous(), v, threshold, amp, beta, decay, T, n,
+                              LEAKY=True, ACC=_acc(x), BLOCK=BLOCK, enable_fp_fusion=False)
     return out, weighted_input / w_sum
 
 

@@ -21,67 +21,65 @@ namespace {
 constexpr int64_t kBlock = 1024;
 constexpr int64_t kGrain = 16384;
 
-template <typename scalar_t, typename acc_t>
-void if_forward_kernel(const scalar_t* x, scalar_t* out, acc_t* xbar, int64_t T, int64_t N, acc_t v,
-                       acc_t threshold) {
-  const acc_t steps = static_cast<acc_t>(T);
+// The forward's shared walk: each thread takes a range of the N units, in blocks whose membrane potentials u and
+// input sums s stay in L1 while t runs over the T steps. `Step` is the neuron: `step(u, s, x_t, t)` integrates
+// one input, fires and resets, and returns the output in acc_t. The representation is s / `divisor` (a true
+// division, as torch's on the CPU).
+template <typename scalar_t, typename acc_t, typename AtStep>
+void forward_walk(const scalar_t* x, scalar_t* out, acc_t* rep, int64_t T, int64_t N, acc_t divisor,
+                  AtStep at_step) {
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     acc_t u[kBlock];
     acc_t s[kBlock];
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int64_t n = std::min(kBlock, end - b0);
-      for (int64_t i = 0; i < n; ++i) {
-        u[i] = acc_t(0);
-        s[i] = acc_t(0);
-      }
+      std::fill(u, u + n, acc_t(0));
+      std::fill(s, s + n, acc_t(0));
       for (int64_t t = 0; t < T; ++t) {
         const scalar_t* xt = x + t * N + b0;
         scalar_t* yt = out + t * N + b0;
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t xi = static_cast<acc_t>(xt[i]);
-          s[i] += xi;
-          u[i] += xi;
-          const acc_t spike = static_cast<acc_t>(u[i] >= threshold) * v;
-          u[i] -= spike;
-          yt[i] = static_cast<scalar_t>(spike);
-        }
+        const auto update = at_step(t);
+        for (int64_t i = 0; i < n; ++i) yt[i] = static_cast<scalar_t>(update(u[i], s[i], static_cast<acc_t>(xt[i])));
       }
-      for (int64_t i = 0; i < n; ++i) xbar[b0 + i] = s[i] / steps;  // a true division, as torch's on the CPU
+      for (int64_t i = 0; i < n; ++i) rep[b0 + i] = s[i] / divisor;
     }
   });
 }
 
+// IF: S += x_t; u += x_t; y = (u >= alpha*V) * V; u -= y.
+template <typename scalar_t, typename acc_t>
+void if_forward_kernel(const scalar_t* x, scalar_t* out, acc_t* xbar, int64_t T, int64_t N, acc_t v,
+                       acc_t threshold) {
+  forward_walk<scalar_t, acc_t>(x, out, xbar, T, N, static_cast<acc_t>(T),
+                                [v, threshold](int64_t) {
+                                  return [v, threshold](acc_t& u, acc_t& s, acc_t xi) {
+                                    s += xi;
+                                    u += xi;
+                                    const acc_t spike = static_cast<acc_t>(u >= threshold) * v;
+                                    u -= spike;
+                                    return spike;
+                                  };
+                                });
+}
+
+// LIF: S += w_t*x_t; u = u*beta; u = u + x_t*(1-beta); f = u >= alpha*V; u -= f*V; y = f * V/dt.
 template <typename scalar_t, typename acc_t>
 void lif_forward_kernel(const scalar_t* x, scalar_t* out, acc_t* xhat, const acc_t* w, acc_t w_sum, int64_t T,
                         int64_t N, acc_t v, acc_t threshold, acc_t amp, acc_t beta, acc_t decay) {
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    acc_t u[kBlock];
-    acc_t s[kBlock];
-    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-      const int64_t n = std::min(kBlock, end - b0);
-      for (int64_t i = 0; i < n; ++i) {
-        u[i] = acc_t(0);
-        s[i] = acc_t(0);
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const scalar_t* xt = x + t * N + b0;
-        scalar_t* yt = out + t * N + b0;
-        const acc_t wt = w[t];
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t xi = static_cast<acc_t>(xt[i]);
-          const acc_t wx = wt * xi;
-          s[i] += wx;
-          u[i] = u[i] * beta;
-          const acc_t dx = xi * decay;
-          u[i] = u[i] + dx;
-          const acc_t fired = static_cast<acc_t>(u[i] >= threshold);
-          u[i] -= fired * v;
-          yt[i] = static_cast<scalar_t>(fired * amp);
-        }
-      }
-      for (int64_t i = 0; i < n; ++i) xhat[b0 + i] = s[i] / w_sum;
-    }
-  });
+  forward_walk<scalar_t, acc_t>(x, out, xhat, T, N, w_sum,
+                                [=](int64_t t) {
+                                  const acc_t wt = w[t];
+                                  return [=](acc_t& u, acc_t& s, acc_t xi) {
+                                    const acc_t wx = wt * xi;
+                                    s += wx;
+                                    u = u * beta;
+                                    const acc_t dx = xi * decay;
+                                    u = u + dx;
+                                    const acc_t fired = static_cast<acc_t>(u >= threshold);
+                                    u -= fired * v;
+                                    return fired * amp;
+                                  };
+                                });
 }
 
 // IF: G = sum_t g_t; dx_t = (G/T) * 1[0 <= xbar <= V]; above = G * 1[xbar > V].
