@@ -138,10 +138,30 @@ def _like(grad: Tensor, rep: Tensor) -> Tensor:
     return grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-@torch.library.custom_op("harness_dsr::if_forward", mutates_args=())
-def _if_forward_op(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
-    out, total = _backend(x.device.type).if_forward(_dense(x), v, threshold, T)
-    return out, total
+def _fused_if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    return tuple(_backend(x.device.type).if_forward(_dense(x), v, threshold, T))
+
+
+def _fused_lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, w_sum: Tensor, T: int,
+                       beta: float, decay: float) -> tuple[Tensor, Tensor]:
+    return tuple(_backend(x.device.type).lif_forward(_dense(x), v, threshold, amp, w, w_sum, T, beta, decay))
+
+
+def _fused_if_backward(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    return tuple(_backend(grad_out.device.type).if_backward(_like(grad_out, xbar), xbar, v, T))
+
+
+def _fused_lif_backward(grad_out: Tensor, xhat: Tensor, upper: Tensor, w: Tensor, T: int, tau: float,
+                        w_sum: float) -> tuple[Tensor, Tensor]:
+    return tuple(_backend(grad_out.device.type).lif_backward(_like(grad_out, xhat), xhat, upper, w, T, tau, w_sum))
+
+
+# The same functions as operators with shape functions, for torch.compile to trace through (eagerly they are called
+# directly: an operator's Python dispatch costs about 50 us a call, which a small layer feels).
+_if_forward_op = torch.library.custom_op("harness_dsr::if_forward", _fused_if_forward, mutates_args=())
+_lif_forward_op = torch.library.custom_op("harness_dsr::lif_forward", _fused_lif_forward, mutates_args=())
+_if_backward_op = torch.library.custom_op("harness_dsr::if_backward", _fused_if_backward, mutates_args=())
+_lif_backward_op = torch.library.custom_op("harness_dsr::lif_backward", _fused_lif_backward, mutates_args=())
 
 
 @_if_forward_op.register_fake
@@ -149,34 +169,14 @@ def _(x, v, threshold, T):
     return torch.empty_like(x), torch.empty_like(x[: x.shape[0] // T], dtype=_acc(x))
 
 
-@torch.library.custom_op("harness_dsr::lif_forward", mutates_args=())
-def _lif_forward_op(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, w_sum: Tensor, T: int,
-                    beta: float, decay: float) -> tuple[Tensor, Tensor]:
-    out, total = _backend(x.device.type).lif_forward(_dense(x), v, threshold, amp, w, w_sum, T, beta, decay)
-    return out, total
-
-
 @_lif_forward_op.register_fake
 def _(x, v, threshold, amp, w, w_sum, T, beta, decay):
     return torch.empty_like(x), torch.empty_like(x[: x.shape[0] // T], dtype=_acc(x))
 
 
-@torch.library.custom_op("harness_dsr::if_backward", mutates_args=())
-def _if_backward_op(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:
-    grad_x, above = _backend(grad_out.device.type).if_backward(_like(grad_out, xbar), xbar, v, T)
-    return grad_x, above
-
-
 @_if_backward_op.register_fake
 def _(grad_out, xbar, v, T):
     return torch.empty_like(grad_out), torch.empty_like(xbar)
-
-
-@torch.library.custom_op("harness_dsr::lif_backward", mutates_args=())
-def _lif_backward_op(grad_out: Tensor, xhat: Tensor, upper: Tensor, w: Tensor, T: int, tau: float,
-                     w_sum: float) -> tuple[Tensor, Tensor]:
-    grad_x, above = _backend(grad_out.device.type).lif_backward(_like(grad_out, xhat), xhat, upper, w, T, tau, w_sum)
-    return grad_x, above
 
 
 @_lif_backward_op.register_fake
@@ -185,31 +185,31 @@ def _(grad_out, xhat, upper, w, T, tau, w_sum):
 
 
 # ------------------------------------------------------------------------------------------ the entry points
+def _run(op, fused, plain, x: Tensor, *args):
+    if not _fused(x):
+        return plain(x, *args)
+    return op(x, *args) if torch.compiler.is_compiling() else fused(x, *args)
+
+
 def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:
     """`(spikes [T*B, ...], xbar [B, ...])`; see `reference.if_forward`."""
-    if _fused(x):
-        return _if_forward_op(x, v, threshold, T)
-    return reference.if_forward(x, v, threshold, T)
+    return _run(_if_forward_op, _fused_if_forward, reference.if_forward, x, v, threshold, T)
 
 
 def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor, w_sum: Tensor, T: int, beta: float,
                 decay: float) -> tuple[Tensor, Tensor]:
     """`(outputs [T*B, ...], xhat [B, ...])`; see `reference.lif_forward`."""
-    if _fused(x):
-        return _lif_forward_op(x, v, threshold, amp, w, w_sum, T, beta, decay)
-    return reference.lif_forward(x, v, threshold, amp, w, w_sum, T, beta, decay)
+    return _run(_lif_forward_op, _fused_lif_forward, reference.lif_forward, x, v, threshold, amp, w, w_sum, T, beta,
+                decay)
 
 
 def if_backward(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:
     """`(grad_x, G * 1[xbar > V])`; see `reference.if_backward`."""
-    if _fused(grad_out):
-        return _if_backward_op(grad_out, xbar, v, T)
-    return reference.if_backward(grad_out, xbar, v, T)
+    return _run(_if_backward_op, _fused_if_backward, reference.if_backward, grad_out, xbar, v, T)
 
 
 def lif_backward(grad_out: Tensor, xhat: Tensor, upper: Tensor, w: Tensor, T: int, tau: float,
                  w_sum: float) -> tuple[Tensor, Tensor]:
     """`(grad_x, G * 1[xhat > V*tau/dt])`; see `reference.lif_backward`."""
-    if _fused(grad_out):
-        return _lif_backward_op(grad_out, xhat, upper, w, T, tau, w_sum)
-    return reference.lif_backward(grad_out, xhat, upper, w, T, tau, w_sum)
+    return _run(_lif_backward_op, _fused_lif_backward, reference.lif_backward, grad_out, xhat, upper, w, T, tau,
+                w_sum)
