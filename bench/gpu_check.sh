@@ -38,7 +38,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
   | tee -a "$OUT_DIR/gpu_check.log"
 PEER=$($PY -c "import spikingjelly.activation_based.neuron" 2>/dev/null && echo "--peer spikingjelly" || echo "")
 
-step exactness 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda or triton"
+step exactness 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_step_engine.py -k "cuda or triton"
 step neuron 60 $HARNESS bench neuron --shape 64,32,32 --T 4,8 --batch 128 --precision fp32,bf16 --device cuda $PEER \
   --out-dir "$OUT_DIR"
 for precision in fp32 bf16; do

@@ -119,3 +119,25 @@ def test_compiled_and_channels_last_steps_match_the_plain_step(tmp_path, setting
     if setting == "engine.channels_last=true":
         conv = dict(trainer.model.named_parameters())["body.features.conv2.weight"]
         assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
+def test_a_cuda_step_synchronises_only_on_the_step_before(tmp_path):
+    """torch's sync debug mode reports every synchronising CUDA call; a step may wait once, for the previous step's
+    flags (an event that is already done while this step is queued), and nothing else."""
+    import warnings
+
+    trainer = trainer_for(tmp_path, ["engine.device=cuda"])
+    data = [(x.cuda(), y.cuda()) for x, y in batches(trainer, 4)]
+    trainer.engine.train_step(*data[0], 1)  # the first step builds what it needs once
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for step, (x, y) in enumerate(data[1:], start=2):
+                trainer.engine.train_step(x, y, step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 3, syncs

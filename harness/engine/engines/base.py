@@ -108,6 +108,7 @@ class Engine(ABC):
         self.bounds: list[tuple[nn.Parameter, float]] = []
         self.pending: PendingHealth | None = None  # the last step's health flags, not read yet
         self.graded_names: list[str] = []  # the parameters `gradient_norms` saw, in order
+        self.host_flags: list[torch.Tensor] = []  # CUDA: two pinned buffers the flags are copied into, in turn
 
     # ------------------------------------------------------------------------------------ building
     def place(self, model: nn.Module) -> nn.Module:
@@ -171,8 +172,11 @@ class Engine(ABC):
         if self.skip_nonfinite:
             return self._decide(PendingHealth(step, flags))
         ready = None
-        if flags.device.type == "cuda":
-            flags = flags.to("cpu", non_blocking=True)
+        if flags.device.type == "cuda":  # into one of two pinned buffers: the other may still hold the last step's
+            if not self.host_flags:
+                self.host_flags = [torch.empty(flags.shape, pin_memory=True) for _ in range(2)]
+            self.host_flags.reverse()
+            flags = self.host_flags[0].copy_(flags, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
         previous, self.pending = self.pending, PendingHealth(step, flags, ready)
