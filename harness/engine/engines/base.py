@@ -151,7 +151,7 @@ class Engine(ABC):
         grads = [g for _, g in named]
         if not grads:
             return None, None
-        norms = torch.stack(torch._foreach_norm(grads)).float()
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
         return torch.linalg.vector_norm(norms), norms
 
     def agree(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor | None,
