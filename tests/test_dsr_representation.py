@@ -339,6 +339,7 @@ def test_a_linear_backbone_passes_verification():
 
 
 # ----------------------------------------------------------------------------------------------- benches
+@pytest.mark.slow  # each configuration runs in a bench worker process of its own
 def test_step_bench_runs_the_ann_at_batch_t_times_b_and_reports_ratios(tmp_path):
     from harness.bench import run_step_bench
 
