@@ -105,14 +105,11 @@ def test_fused_where_it_cannot_run_is_one_line_and_auto_falls_back(monkeypatch):
         kernels.check_selected("cpu")
     assert str(failure.value) == ("engine.neuron_kernel: fused cannot run on cpu: the C++ extension did not build "
                                   "(no compiler); use auto or plain")
-    called = []
-    monkeypatch.setattr(reference, "if_forward", lambda *a: called.append(1) or kernels_plain_if(*a))
+    called, plain_if = [], reference.if_forward
+    monkeypatch.setattr(reference, "if_forward", lambda *a: called.append(1) or plain_if(*a))
     with kernels.using("auto"):
         DSRIF(2)(x)
     assert called == [1]
-
-
-kernels_plain_if = reference.if_forward
 
 
 def test_custom_operators_pass_opcheck():

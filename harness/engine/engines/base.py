@@ -35,7 +35,7 @@ model and every input batch in channels-last layout (`place`, `micro_batches`).
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ class PendingHealth:
 
     step: int
     flags: torch.Tensor
-    ready: torch.cuda.Event | None = field(default=None)
+    ready: torch.cuda.Event | None = None
 
     def read(self) -> list[float]:
         if self.ready is not None:
@@ -107,7 +107,6 @@ class Engine(ABC):
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.bounds: list[tuple[nn.Parameter, float]] = []
         self.pending: PendingHealth | None = None  # the last step's health flags, not read yet
-        self.graded_names: list[str] = []  # the parameters `gradient_norms` saw, in order
         self.host_flags: list[torch.Tensor] = []  # CUDA: two pinned buffers the flags are copied into, in turn
 
     # ------------------------------------------------------------------------------------ building
@@ -146,9 +145,7 @@ class Engine(ABC):
     def gradient_norms(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """`(global gradient norm, per-parameter norms)` over the parameters that have a gradient, on the device
         (one fused pass; the per-parameter norms name a non-finite gradient without reading it back)."""
-        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        self.graded_names = [n for n, _ in named]
-        grads = [g for _, g in named]
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return None, None
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
@@ -204,7 +201,7 @@ class Engine(ABC):
         if bad_ranks:
             where = f" on rank {', '.join(map(str, bad_ranks))}" if self.process.distributed else ""
             return f"step {step}: the loss is not finite (NaN or infinity){where}: {advice}"
-        names = self.graded_names
+        names = [n for n, p in self.model.named_parameters() if p.grad is not None]  # as `gradient_norms` saw them
         name = names[bad_param] if 0 <= bad_param < len(names) else "a parameter"
         return f"step {step}: the gradient of {name} is not finite (NaN or infinity), the loss is finite: {advice}"
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from harness.errors import HarnessError
 from harness.snn.kernels import reference
+from harness.snn.neuron import accumulation_dtype
 
 KERNEL_CHOICES = ("auto", "plain", "fused")
 log = logging.getLogger(__name__)
@@ -120,10 +121,6 @@ def _backend(device_type: str):
 
 
 # ------------------------------------------------------------------------------------------ custom operators
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _dense(x: Tensor) -> Tensor:
     """`x` itself if it is contiguous or channels-last (the kernels keep that layout: a unit's element sits at the
     same offset in every time step and in the representation), else a contiguous copy."""
@@ -166,12 +163,12 @@ _lif_backward_op = torch.library.custom_op("harness_dsr::lif_backward", _fused_l
 
 @_if_forward_op.register_fake
 def _(x, v, threshold, T):
-    return torch.empty_like(x), torch.empty_like(x[: x.shape[0] // T], dtype=_acc(x))
+    return torch.empty_like(x), torch.empty_like(x[: x.shape[0] // T], dtype=accumulation_dtype(x))
 
 
 @_lif_forward_op.register_fake
 def _(x, v, threshold, amp, w, w_sum, T, beta, decay):
-    return torch.empty_like(x), torch.empty_like(x[: x.shape[0] // T], dtype=_acc(x))
+    return torch.empty_like(x), torch.empty_like(x[: x.shape[0] // T], dtype=accumulation_dtype(x))
 
 
 @_if_backward_op.register_fake

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from harness.snn.neuron import accumulation_dtype
+
 BLOCK = 1024
 
 
@@ -81,7 +83,7 @@ def _backward_kernel(g_ptr, rep_ptr, dx_ptr, above_ptr, w_ptr, upper_ptr, w_div,
 
 def _rep_like(x: Tensor, T: int) -> Tensor:
     """`[B, ...]` in the accumulation dtype, in x's memory layout."""
-    return torch.empty_like(x[: x.shape[0] // T], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.empty_like(x[: x.shape[0] // T], dtype=accumulation_dtype(x))
 
 
 def if_forward(x: Tensor, v: Tensor, threshold: Tensor, T: int) -> tuple[Tensor, Tensor]:

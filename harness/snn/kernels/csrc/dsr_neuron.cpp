@@ -1,8 +1,9 @@
 // The fused DSR neuron on the CPU: the whole time loop in one pass over memory.
 //
-// Contract and math: harness/snn/kernels/reference.py, whose results these functions reproduce (spikes bit for
-// bit: the same operations rounded in the same order; compiled with -ffp-contract=off so that no multiply-add
-// is fused). Tensors are contiguous, x and grad_out viewed as [T, N]; representations are [N].
+// Contract and math: harness/snn/kernels/reference.py, whose results these functions reproduce (spikes and
+// representations bit for bit: the same operations rounded in the same order; compiled with -ffp-contract=off so
+// that no multiply-add is fused). Tensors are dense (contiguous or channels-last), x and grad_out viewed as
+// [T, N] in memory order; representations are [N] in the same order.
 //
 // Each thread takes a range of the N elements and walks it in blocks of kBlock: the block's membrane
 // potentials and sums live in registers/L1 while t runs over the T steps, so the input is read once and the
@@ -22,9 +23,10 @@ constexpr int64_t kBlock = 1024;
 constexpr int64_t kGrain = 16384;
 
 // The forward's shared walk: each thread takes a range of the N units, in blocks whose membrane potentials u and
-// input sums s stay in L1 while t runs over the T steps. `Step` is the neuron: `step(u, s, x_t, t)` integrates
-// one input, fires and resets, and returns the output in acc_t. The representation is s / `divisor` (a true
-// division, as torch's on the CPU).
+// input sums s stay in L1 while t runs over the T steps. The neuron is `at_step(t)`, which returns step t's
+// update `update(u, s, x_t)`: integrate one input, fire, reset, return the output in acc_t (made once per step, so
+// that per-step constants are values in registers, not loads repeated per element). The representation is
+// s / `divisor` (a true division, as torch's on the CPU).
 template <typename scalar_t, typename acc_t, typename AtStep>
 void forward_walk(const scalar_t* x, scalar_t* out, acc_t* rep, int64_t T, int64_t N, acc_t divisor,
                   AtStep at_step) {
