@@ -273,7 +273,16 @@ def sweep(sweep_file: str, address: str | None, dry_run: bool, resume: str | Non
 
     variants = tuple(v.strip() for v in only.split(",")) if only else ()
     if dry_run:
-        click.echo(describe(expand(load_sweep(sweep_file), sweep_file, overrides, variants)))
+        spec = load_sweep(sweep_file)
+        trials = expand(spec, sweep_file, overrides, variants)
+        click.echo(describe(trials))
+        if spec.tuning is not None:
+            cells = len({t.cell for t in trials})
+            click.echo(f"tuning stage: {cells} cells x {spec.tuning.trials} configurations on "
+                       f"{spec.tuning.holdout:g} of the training data held out ({spec.tuning.metric}, ASHA per cell); "
+                       f"then the final stage: {cells} cells x {len(spec.final.seeds)} seeds "
+                       f"({', '.join(map(str, spec.final.seeds))}) = {cells * len(spec.final.seeds)} runs on the "
+                       f"whole training data, evaluated on test")
         return
     summary = run_sweep(sweep_file, overrides, variants, address=address, resume=resume, num_cpus=num_cpus,
                         echo=click.echo)
@@ -308,19 +317,29 @@ def _tracking_uri(given: str | None) -> str:
 @click.option("--reference", "references", multiple=True, type=click.Path(),
               help="YAML of published numbers, or a folder of them (repeatable).")
 @click.option("--precision", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--footnote", "footnotes", multiple=True, metavar="VALUE=TEXT",
+              help="A footnote on the rows whose key VALUE matches (e.g. qcfs=...), printed below (repeatable).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of printing.")
 @click.option("--tracking-uri", default=None, help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")
 def table(experiment: str, sweep_id: str | None, rows: str, cols: str, metric: str, agg: str, fmt: str,
-          references: tuple[str, ...], precision: int, output: str | None, tracking_uri: str | None) -> None:
-    """Comparison table of FINISHED MLflow runs: a metric aggregated over seeds, rows x columns."""
+          references: tuple[str, ...], precision: int, footnotes: tuple[str, ...], output: str | None,
+          tracking_uri: str | None) -> None:
+    """Comparison table of FINISHED MLflow runs: a metric aggregated over seeds, rows x columns (a tuned sweep's
+    final runs add what the tuning chose per cell)."""
     from pathlib import Path
 
-    from harness.report import comparison
+    from harness.report import ReportError, comparison
 
     keys = [k.strip() for k in rows.split(",") if k.strip()]
+    notes = {}
+    for given in footnotes:
+        key, sep, text = given.partition("=")
+        if not sep or not key.strip() or not text.strip():
+            raise ReportError(f"--footnote {given!r}: expected VALUE=TEXT (a row key value, then the footnote)")
+        notes[key.strip()] = text.strip()
     text = comparison(experiment, _tracking_uri(tracking_uri), keys, cols.strip() or None, metric, agg, fmt,
                       sweep=sweep_id, references=references, precision=precision,
-                      note=lambda line: click.echo(line, err=True))
+                      note=lambda line: click.echo(line, err=True), footnotes=notes)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text if text.endswith("\n") else text + "\n")
@@ -336,15 +355,21 @@ def table(experiment: str, sweep_id: str | None, rows: str, cols: str, metric: s
 @click.option("--energy", default="efficiency/energy_uj", show_default=True, help="Energy metric (right panel x).")
 @click.option("--series", default="method,neuron", show_default=True, help="Keys that name a curve.")
 @click.option("--x", "x_key", default="T", show_default=True, help="Key of the left panel's x axis.")
+@click.option("--curves", is_flag=True, help="Instead: the metric per epoch, one panel per --x value.")
 @click.option("--output", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
 @click.option("--tracking-uri", default=None, help="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")
-def plot(experiment: str, sweep_id: str | None, metric: str, energy: str, series: str, x_key: str, output: str,
-         tracking_uri: str | None) -> None:
-    """Accuracy vs T and accuracy vs energy per method, from FINISHED MLflow runs, to PNG."""
+def plot(experiment: str, sweep_id: str | None, metric: str, energy: str, series: str, x_key: str, curves: bool,
+         output: str, tracking_uri: str | None) -> None:
+    """Accuracy vs T and accuracy vs energy per method (or, with --curves, accuracy per epoch), from FINISHED
+    MLflow runs, to PNG."""
+    from harness.report import curves as draw_curves
     from harness.report import plot as draw
 
     keys = [k.strip() for k in series.split(",") if k.strip()]
-    path = draw(experiment, _tracking_uri(tracking_uri), output, metric, energy, keys, x_key, sweep_id)
+    if curves:
+        path = draw_curves(experiment, _tracking_uri(tracking_uri), output, metric, keys, x_key, sweep_id)
+    else:
+        path = draw(experiment, _tracking_uri(tracking_uri), output, metric, energy, keys, x_key, sweep_id)
     click.echo(f"wrote {path}")
 
 

@@ -90,6 +90,15 @@ class DataConfig(Section):
     workers: Annotated[int, NotBoolean, Field(ge=0, le=MAX_PARALLEL)] = 0  # loader processes per training process
     augment: bool = True  # the training augmentations of DSR.md section 5
     frames: TimeSteps | None = None  # frames per sample of an event data set (dvs_cifar10); must equal method.T
+    # Tuning: hold out this fraction of the training split (a seeded random draw, torch loader) as the split every
+    # evaluation reads; its metrics are logged as val/* and the test split is never read. None: evaluate on test/*
+    holdout: Annotated[Real, Field(gt=0, lt=1)] | None = None
+    holdout_seed: NonNegativeInt = 0  # the draw of the held-out samples (the same for every trial of a sweep)
+
+    @property
+    def eval_split(self) -> str:
+        """The prefix of the evaluation metrics: `val` on a held-out part of the training data, else `test`."""
+        return "val" if self.holdout is not None else "test"
 
 
 class ModelConfig(Section):
@@ -160,6 +169,11 @@ class DSRMethod(Section):
     # time covariance its weight gradient needs (exact gradients for IF; one weight-gradient pass over T*B).
     # false: faster and biased (issue 12's note measures both)
     time_covariance: bool = True
+    # spikes (the paper's network): the output layer ends in a DSR neuron and the logits are its spike
+    # representation, which takes only T+1 values per class for IF at a fixed threshold; analog: the output
+    # layer has no neuron and the logits are its output decoded as the neurons decode (rate / weighted rate),
+    # as SG's `readout: analog` (STBP-tdBN, TET). Tables state each row's readout.
+    readout: Literal["spikes", "analog"] = "spikes"
 
     @model_validator(mode="after")
     def _neuron_defaults(self) -> "DSRMethod":

@@ -1,22 +1,28 @@
 """MLflow runs -> pandas -> paper-style tables (Markdown, LaTeX, CSV) and plots (PNG): `harness table`, `plot`.
 
 `runs_frame` reads the FINISHED runs of one experiment (optionally one sweep: tag `sweep.id`; sweep parent
-runs left out) into a DataFrame, one row per run. A key names a run tag (method, neuron, T, seed, dataset,
-backbone, recipe; set at launch), else a param (any dotted recipe field, `optim.lr`), else a sweep tag
-(`variant` -> `sweep.variant`). A metric is the run's last logged value.
+runs and a tuned sweep's tuning-stage runs left out) into a DataFrame, one row per run. A key names a run tag
+(method, neuron, T, readout, seed, dataset, backbone, recipe; set at launch), else a param (any dotted recipe
+field, `optim.lr`), else a sweep tag (`variant` -> `sweep.variant`). A metric is the run's last logged value.
 
 `comparison` groups runs by the row keys and the column key and aggregates the metric over the runs of a
 cell (the seeds): `mean_std` = mean +- sample standard deviation (n - 1 in the denominator; none for one
 run) with the count n of runs; `mean`, `min`, `max`. A row none of whose runs has the column key (the ANN
 has no T) is T-independent: its one value is shown in every column. A run that logged the metric per
 column value, `<metric>_<col><v>` (qcfs evaluates its converted SNN at every T: `test/acc1_T4`), fills
-those columns instead of its own (`plot` pairs energies with accuracies of the same kind only).
+those columns instead of its own (`plot` pairs energies with accuracies of the same kind only), unless it is a
+final run of a tuned sweep (tag `tuning.config`): its configuration was chosen for its own T, so it fills only
+that column.
 Reference rows come from YAML files of published numbers (`results/reference/*.yaml`, schema
-`ReferenceFile`): the entries for the table's metric and data set(s), each shown with its citation, table
-and whether it was checked against the paper.
+`ReferenceFile`): the entries for the table's metric and data set(s), each shown with its citation, source
+and status (`STATUSES`: verified, primary, second-hand, unverified).
+Runs of a tuned sweep's final stage add, below the table, what the tuning chose per cell (`tuning_table`):
+the configuration, its validation score, the configurations and epochs the cell's tuning spent, and the seeds.
+Footnotes (`footnotes`: a row key value -> text) mark the rows they apply to and follow the table.
 Markdown and LaTeX print the wide table; CSV writes the long form, one line per cell with mean, std, n.
 """
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +45,18 @@ class ReportError(HarnessError):
     pass
 
 
+# How far a published number has been traced, printed beside its row so that an unverified figure never reads
+# like a measured one.
+STATUSES = {
+    "verified": "read in the paper's own table by us",
+    "primary": "from the authors' own release (README, code), not from the paper's tables",
+    "second-hand": "as another paper lists it (its source names that paper and table)",
+    "unverified": "commonly quoted; no source we could check",
+}
+
+
 class ReferenceEntry(Section):
-    """One published number."""
+    """One published number, with where it was found (`source`) and how far that was traced (`status`)."""
 
     dataset: str
     backbone: str | None = None
@@ -50,9 +66,9 @@ class ReferenceEntry(Section):
     metric: str = "test/acc1"
     value: float
     std: float | None = None
-    table: str  # where in the paper: "Table 2", "README"
-    checked: bool = False  # compared with the paper itself (not a secondary quote)
-    note: str | None = None
+    status: Literal["verified", "primary", "second-hand", "unverified"]  # see STATUSES
+    source: str  # where the number was read: "Table 2", "authors' README", "CLIF (ICML 2024), Table 3"
+    note: str | None = None  # what differs from the measured setting (frames, augmentation, ...)
 
 
 class ReferenceFile(Section):
@@ -75,7 +91,7 @@ def runs_frame(experiment: str, uri: str, sweep: str | None = None) -> pd.DataFr
     rows = [{"run_id": run.run_id, **{f"tags.{k}": v for k, v in run.tags.items()},
              **{f"params.{k}": v for k, v in run.params.items()},
              **{f"metrics.{k}": v for k, v in run.metrics.items()}}
-            for run in runs if run.tags.get("sweep.role") != "parent"]
+            for run in runs if run.tags.get("sweep.role") != "parent" and run.tags.get("sweep.stage") != "tune"]
     if not rows:
         names = track.experiment_names(uri)
         if experiment not in names:
@@ -130,9 +146,11 @@ def per_column_values(frame: pd.DataFrame, col: str | None, metric: str) -> pd.D
     if not col:
         return own.dropna(subset=["value"])
     prefix = f"metrics.{metric}_{col}"
-    expanded = [pd.DataFrame({"run": frame.index, "column": c.removeprefix(prefix), "value": frame[c],
+    tuned = frame["tags.tuning.config"].notna() if "tags.tuning.config" in frame else pd.Series(False, frame.index)
+    free = frame[~tuned]  # a tuned run's configuration was chosen for its own column value only
+    expanded = [pd.DataFrame({"run": free.index, "column": c.removeprefix(prefix), "value": free[c],
                               "expanded": True})
-                for c in frame if c.startswith(prefix) and c.removeprefix(prefix).isdigit()]
+                for c in free if c.startswith(prefix) and c.removeprefix(prefix).isdigit()]
     if not expanded:
         return own.dropna(subset=["value"])
     expanded = pd.concat(expanded).dropna(subset=["value"])
@@ -186,12 +204,10 @@ def reference_cells(references: list[tuple[ReferenceFile, Path]], rows: list[str
                 continue
             keys = {key: str(getattr(entry, key, None) or NO_VALUE) for key in rows}
             column = str(getattr(entry, col, None) or NO_VALUE) if col else ""
-            checked = "checked" if entry.checked else "unchecked"
+            details = "; ".join(x for x in (entry.source, entry.backbone, entry.note) if x)
             cells.append({**keys, col or "column": column, "mean": entry.value,
                           "std": entry.std if entry.std is not None else math.nan, "n": math.nan,
-                          "source": f"{ref.label}, {entry.table} ({checked}"
-                                    + (f"; {entry.backbone})" if entry.backbone else ")"),
-                          "citation": ref.citation})
+                          "source": f"{ref.label} [{entry.status}] ({details})", "citation": ref.citation})
     return pd.DataFrame(cells)
 
 
@@ -224,6 +240,52 @@ def wide_table(cells: pd.DataFrame, rows: list[str], col: str | None, precision:
     return table.iloc[order].reset_index(drop=True)
 
 
+def _short_config(config: str) -> str:
+    """`{"method.vth.init": 3.16278, "optim.lr": 0.0471}` -> `vth.init=3.16, lr=0.0471` (a method field without
+    `method.`, any other by its last part; 3 significant digits)."""
+    values = json.loads(config)
+    return ", ".join(f"{k.removeprefix('method.') if k.startswith('method.') else k.split('.')[-1]}="
+                     f"{f'{v:.3g}' if isinstance(v, float) else v}" for k, v in values.items()) or "(defaults)"
+
+
+def tuning_table(frame: pd.DataFrame, rows: list[str], col: str | None) -> pd.DataFrame | None:
+    """Per cell (row keys and column value) of a tuned sweep's final runs: the chosen configuration, its score
+    on the validation split, the configurations and epochs the cell's tuning spent, and the seeds of its runs;
+    None if no run was tuned."""
+    if "tags.tuning.config" not in frame:
+        return None
+    tuned = frame[frame["tags.tuning.config"].notna()]
+    keys = [*rows, col] if col else list(rows)
+    lines = []
+    for values, group in tuned.groupby([key_column(tuned, k) for k in keys], sort=False):
+        first = group.iloc[0]
+        lines.append({**dict(zip(keys, values, strict=True)),
+                      "chosen configuration": _short_config(first["tags.tuning.config"]),
+                      "validation": f"{first['tags.tuning.metric']} {float(first['tags.tuning.score']):.2f}",
+                      "configurations tried": first["tags.tuning.trials"],
+                      "tuning epochs": first["tags.tuning.epochs"],
+                      "seeds": ", ".join(sorted(key_column(group, "seed"), key=_sort_key))})
+    table = pd.DataFrame(lines)
+    order = sorted(range(len(table)), key=lambda i: [_sort_key(str(table[k][i])) for k in keys])
+    return table.iloc[order].reset_index(drop=True)
+
+
+def mark_footnotes(table: pd.DataFrame, rows: list[str], footnotes: dict[str, str]) -> list[str]:
+    """Append `[a]`, `[b]`, ... to the first row-key column (in `rows` order) whose value is a footnote's key, in
+    every row that has it; return the footnote lines. A key that matches no row is an error (a footnote must not
+    silently disappear)."""
+    lines = []
+    for i, (key, text) in enumerate(footnotes.items()):
+        mark = f"[{chr(ord('a') + i)}]"
+        column = next((c for c in rows if (table[c].astype(str) == key).any()), None)
+        if column is None:
+            raise ReportError(f"--footnote {key}=...: no row has the value {key!r} in {', '.join(rows)}")
+        matches = table[column].astype(str) == key
+        table.loc[matches, column] = table.loc[matches, column].astype(str) + f" {mark}"
+        lines.append(f"{mark} {text}")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------- render
 def to_markdown(table: pd.DataFrame) -> str:
     header = "| " + " | ".join(table.columns) + " |"
@@ -239,22 +301,25 @@ def _latex_escape(text: str) -> str:
     return text.replace("±", r"$\pm$")
 
 
-def to_latex(table: pd.DataFrame, caption: str) -> str:
+def to_latex(table: pd.DataFrame, caption: str, notes: list[str] = ()) -> str:
     spec = "l" * (len(table.columns) - sum(c.startswith(("T=", "value")) for c in table.columns))
     spec += "r" * (len(table.columns) - len(spec))
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(caption)}}}",
              rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
              " & ".join(_latex_escape(str(c)) for c in table.columns) + r" \\", r"\midrule"]
     lines += [" & ".join(_latex_escape(str(v)) for v in row) + r" \\" for row in table.itertuples(index=False)]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [rf"\par\footnotesize {_latex_escape(note)}" for note in notes]
+    lines += [r"\end{table}"]
     return "\n".join(lines)
 
 
 def comparison(experiment: str, uri: str, rows: list[str], col: str | None, metric: str,
                agg: Literal["mean_std", "mean", "min", "max"] = "mean_std", fmt: str = "md",
                sweep: str | None = None, references: list[str] = (), precision: int = 2,
-               note: Callable[[str], None] = print) -> str:
-    """The comparison table as text in `fmt`; `note` gets one line about reference rows left out."""
+               note: Callable[[str], None] = print, footnotes: dict[str, str] | None = None) -> str:
+    """The comparison table as text in `fmt`, followed (md, LaTeX) by its footnotes and, for a tuned sweep, the
+    tuning table; `note` gets one line about reference rows left out."""
     frame = runs_frame(experiment, uri, sweep)
     cells = measured_cells(frame, rows, col, metric, agg)
     if references:
@@ -266,10 +331,21 @@ def comparison(experiment: str, uri: str, rows: list[str], col: str | None, metr
     if fmt == "csv":
         return cells.to_csv(index=False)
     table = wide_table(cells, rows, col, precision)
+    notes = mark_footnotes(table, rows, footnotes or {})
+    tuning = tuning_table(frame, rows, col)
+    where = f"experiment {experiment}" + (f", sweep {sweep}" if sweep else "")
     if fmt == "latex":
-        caption = f"{metric} ({agg.replace('_', ' ± ')} over runs) in experiment {experiment}"
-        return to_latex(table, caption)
-    return to_markdown(table)
+        text = to_latex(table, f"{metric} ({agg.replace('_', ' ± ')} over runs) in {where}", notes)
+        if tuning is not None:
+            text += "\n\n" + to_latex(tuning, f"What the equal tuning budget chose per cell ({where}); the rows above "
+                                              f"train each choice on the whole training set with these seeds")
+        return text
+    text = to_markdown(table) + "".join(f"\n\n{line}" for line in notes)
+    if tuning is not None:
+        text += (f"\n\nTuning ({where}): each cell's configuration chosen on the held-out validation split; the "
+                 f"table above trains it on the whole training set once per seed and tests it.\n\n"
+                 + to_markdown(tuning))
+    return text
 
 
 # ------------------------------------------------------------------------------------------------ plot
@@ -323,6 +399,56 @@ def plot(experiment: str, uri: str, output: str | Path, metric: str = "test/acc1
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{experiment}" + (f" / sweep {sweep}" if sweep else "") + f" ({len(frame)} runs)", fontsize=10)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=130)
+    plt.close(fig)
+    return output
+
+
+def curves(experiment: str, uri: str, output: str | Path, metric: str = "test/acc1",
+           series: list[str] = ("method", "neuron"), panel: str = "T", sweep: str | None = None) -> Path:
+    """Training curves to PNG: `metric` per epoch, one panel per value of `panel` (T), one line per series (the
+    mean over its runs, the seeds, with a +-std band); a series without `panel` (the ANN) is drawn in every
+    panel, dashed. Shows whether the runs had converged by their last epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = runs_frame(experiment, uri, sweep)
+    names = [" ".join(v for v in values if v != NO_VALUE)
+             for values in zip(*(key_column(frame, k) for k in series), strict=True)]
+    panels = key_column(frame, panel)
+    histories = []
+    for run_id, name, where in zip(frame["run_id"], names, panels, strict=True):
+        for step, value in track.metric_history(uri, run_id, metric):
+            histories.append({"series": name, "panel": where, "epoch": step, "value": value})
+    if not histories:
+        raise ReportError(f"no run of experiment {experiment!r} logged {metric!r} per epoch")
+    data = pd.DataFrame(histories)
+    columns = sorted({p for p in data["panel"] if p != NO_VALUE}, key=_sort_key) or [NO_VALUE]
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.6), sharey=True, squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(sorted(set(data["series"])))}
+    for ax, column in zip(axes[0], columns, strict=True):
+        shown = data[(data["panel"] == column) | (data["panel"] == NO_VALUE)]
+        for name, group in shown.groupby("series", sort=True):
+            stats = group.groupby("epoch")["value"].agg(["mean", "std"]).fillna(0.0)
+            independent = set(group["panel"]) == {NO_VALUE}
+            ax.plot(stats.index, stats["mean"], color=colors[name], linestyle="--" if independent else "-",
+                    label=name)
+            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
+                            color=colors[name], alpha=0.15)
+        ax.set(title=f"{panel}={column}" if column != NO_VALUE else "", xlabel="epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric)
+    low = data.groupby(["series", "panel", "epoch"])["value"].mean()
+    axes[0][0].set_ylim(max(0.0, float(low[low.index.get_level_values("epoch") > 1].min()) - 2), None)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{metric} per epoch, mean ± std over seeds: {experiment}" + (f" / sweep {sweep}" if sweep else ""),
+                 fontsize=10)
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

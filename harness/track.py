@@ -2,7 +2,7 @@
 
 Tracking URI: `recipe.track.tracking_uri`, else `MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`
 (an embedded store, no server). With the sqlite default, artifacts go to `<cwd>/mlartifacts/`.
-A run logs the flattened recipe as params, tags (method, neuron, T, backbone, dataset, recipe name and
+A run logs the flattened recipe as params, tags (method, neuron, T, readout, backbone, dataset, recipe name and
 `track.tags`), per-epoch metrics, the resolved recipe and a summary as artifacts. Leaving the `Tracker`
 context ends the run FINISHED, KILLED (KeyboardInterrupt, SystemExit: SIGTERM, a preemption stop) or FAILED
 (any other exception).
@@ -253,6 +253,11 @@ def find_runs(uri: str, experiment: str, tags: dict[str, str] | None = None,
             return records
 
 
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """`(step, value)` of every value of metric `key` the run logged (the epoch is the step), in step order."""
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
 def experiment_names(uri: str) -> list[str]:
     client, names, token = MlflowClient(uri), [], None
     while True:
@@ -270,6 +275,13 @@ def _log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:
         client.log_artifact(run_id, str(path))
 
 
+def readout(method) -> str:
+    """How a run's logits are read out: `spikes` (an output neuron's spike representation) or `analog` (the
+    last layer's output, time-averaged in an SNN; the ANN's and QCFS's logits are analog, as is QCFS's
+    converted SNN, whose output layer has no neuron)."""
+    return getattr(method, "readout", "analog")
+
+
 def run_tags(recipe: Recipe) -> dict[str, str]:
     method = recipe.method
     tags = {
@@ -277,6 +289,7 @@ def run_tags(recipe: Recipe) -> dict[str, str]:
         "method": method.name,
         "neuron": getattr(method, "neuron", "none"),
         "T": str(recipe.T) if recipe.T is not None else "none",
+        "readout": readout(method),
         "backbone": recipe.model.backbone,
         "dataset": recipe.data.dataset,
         "seed": str(recipe.seed),

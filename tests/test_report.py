@@ -72,25 +72,38 @@ def test_reference_rows_match_metric_and_dataset(store, tmp_path):
     ref.write_text(yaml.safe_dump({
         "citation": "A. Author. A paper. 2030.", "label": "Author 2030",
         "entries": [{"dataset": "digits", "method": "dsr", "neuron": "if", "T": 4, "value": 97.5, "std": 0.1,
-                     "table": "Table 3", "checked": True},
-                    {"dataset": "cifar10", "method": "dsr", "neuron": "if", "T": 4, "value": 95.0, "table": "Table 1"},
+                     "source": "Table 3", "status": "verified"},
+                    {"dataset": "cifar10", "method": "dsr", "neuron": "if", "T": 4, "value": 95.0, "source": "Table 1",
+                     "status": "verified"},
                     {"dataset": "digits", "method": "dsr", "neuron": "if", "T": 4, "metric": "test/acc5",
-                     "value": 99.9, "table": "Table 3"}]}))
+                     "value": 99.9, "source": "Table 3", "status": "verified"},
+                    {"dataset": "digits", "method": "dsr", "neuron": "lif", "T": 2, "value": 90.0,
+                     "source": "B (2031), Table 9", "status": "second-hand", "note": "with augmentation"}]}))
     table = cells(comparison("cmp", store, ["method", "neuron"], "T", "test/acc1", references=[str(ref)]))
-    assert table["dsr/Author 2030, Table 3 (checked)"] == ["", "97.50 ± 0.10", ""]
-    assert len(table) == 4  # measured ann, dsr, qcfs + one reference row (cifar10 and acc5 entries left out)
+    # columns T=1, 2 (the second-hand entry's), 4, 8; the status is printed beside each number, with where it
+    # was read and what differs
+    assert table["dsr/Author 2030 [verified] (Table 3)"] == ["", "", "97.50 ± 0.10", ""]
+    assert table["dsr/Author 2030 [second-hand] (B (2031), Table 9; with augmentation)"] == ["", "90.00", "", ""]
+    assert len(table) == 5  # measured ann, dsr, qcfs + two reference rows (cifar10 and acc5 entries left out)
     notes = []
     comparison("cmp", store, ["method"], "T", "test/acc1",
                references=[str(ROOT / "results" / "reference")], note=notes.append)
     assert notes == ["no reference entry for metric 'test/acc1' on digits"]
 
 
-def test_the_shipped_reference_file_is_valid_and_unchecked():
+def test_the_shipped_reference_file_states_each_figures_status(tmp_path):
     [(ref, _path)] = load_references([str(ROOT / "results" / "reference" / "dsr_meng2022.yaml")])
-    values = {(e.dataset, e.T): e.value for e in ref.entries}
-    assert values == {("cifar10", 5): 94.45, ("cifar10", 20): 95.40, ("cifar100", 20): 78.50,
-                      ("imagenet", 50): 67.74, ("dvs_cifar10", 20): 77.27}
-    assert not any(e.checked for e in ref.entries)
+    status = {(e.dataset, e.neuron, e.T, e.value): e.status for e in ref.entries}
+    assert status == {("cifar10", None, 5, 94.45): "primary", ("cifar10", "lif", 20, 95.40): "second-hand",
+                      ("cifar100", None, 20, 78.50): "second-hand", ("dvs_cifar10", None, 10, 77.3): "second-hand",
+                      ("imagenet", None, 50, 67.74): "unverified"}
+    dvs = next(e for e in ref.entries if e.dataset == "dvs_cifar10")
+    assert "20 frames" in dvs.note and "augmentation" in dvs.note  # the setting differs from the T=20 recipes'
+    bad = ref.model_dump()
+    del bad["entries"][0]["status"]
+    (tmp_path / "nostatus.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ReportError, match=r"nostatus\.yaml: entries\.0\.status: Field required"):
+        load_references([str(tmp_path / "nostatus.yaml")])
 
 
 def test_bad_inputs_are_one_line_errors(store, tmp_path):

@@ -8,14 +8,21 @@ up (they only partition the validation set). `set_epoch(loader, e)` must be call
 `cfg.loader`: `torch` reads the data set under `cfg.root`; `ffcv` reads the `.beton` files `cfg.train`
 and `cfg.val` (harness/data/ffcv.py); `auto` takes ffcv when it imports and both files are given, else
 torch. `Pipeline.note` says which loader it took and why; `harness launch` prints it once.
+`cfg.holdout` (tuning): a fraction h of the training split, drawn by a permutation seeded with
+`cfg.holdout_seed` (first round(h*N) indices of it, not augmented), replaces the validation split; the rest
+trains. Torch loader only (a .beton is read whole).
 """
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch.utils.data import Subset
+
 from harness.data.loaders import build_loaders
-from harness.data.registry import DATASETS, DataError, build_datasets
+from harness.data.registry import DATASETS, DataError, DataSplits, build_datasets
 
 
 @dataclass
@@ -57,6 +64,11 @@ def choose_loader(cfg) -> tuple[str, str]:
     betons = cfg.train is not None and cfg.val is not None
     if cfg.loader == "torch":
         return "torch", "data.loader: torch"
+    if cfg.holdout is not None:
+        if cfg.loader == "ffcv":
+            raise DataError(f"data.holdout: {cfg.holdout} needs the torch loader (a .beton is read whole); set "
+                            f"data.loader: torch or auto, or drop data.holdout")
+        return "torch", "data.holdout carves a validation split from the training data"
     if cfg.loader == "ffcv":
         if not betons:
             raise DataError(f"data.loader: ffcv needs data.train and data.val .beton files (got train {cfg.train}, "
@@ -83,6 +95,20 @@ def dataset_options(cfg) -> dict[str, int]:
         raise DataError(f"data.frames: {cfg.frames} set, but dataset {cfg.dataset!r} is not an event data set "
                         f"(frames apply to dvs_cifar10)")
     return {"frames": cfg.frames} if takes_frames else {}
+
+
+def holdout_splits(splits: DataSplits, unaugmented_train, fraction: float, seed: int) -> DataSplits:
+    """`splits` with a held-out validation split: indices `perm[:n]` of the training split (read from
+    `unaugmented_train`, the same samples without augmentation) with `n = round(fraction * N)` and `perm` a
+    permutation of `range(N)` seeded with `seed`; training keeps `perm[n:]`. Each part is in index order."""
+    size = len(splits.train)
+    held = round(fraction * size)
+    if not 0 < held < size:
+        raise DataError(f"data.holdout: {fraction} of {size} training samples leaves {held} to validate on and "
+                        f"{size - held} to train; both must be at least 1")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    val, train = order[:held].sort().values.tolist(), order[held:].sort().values.tolist()
+    return dataclasses.replace(splits, train=Subset(splits.train, train), val=Subset(unaugmented_train, val))
 
 
 def build_ffcv_pipeline(cfg, seed: int, rank: int, world_size: int) -> Pipeline:
@@ -112,6 +138,10 @@ def build_pipeline(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Pipeli
         pipeline = build_ffcv_pipeline(cfg, seed, rank, world_size)
     else:
         splits = build_datasets(cfg.dataset, cfg.root, augment=cfg.augment, **dataset_options(cfg))
+        if cfg.holdout is not None:
+            plain = splits if not cfg.augment else build_datasets(cfg.dataset, cfg.root, augment=False,
+                                                                  **dataset_options(cfg))
+            splits = holdout_splits(splits, plain.train, cfg.holdout, cfg.holdout_seed)
         train, val = build_loaders(splits, per_process_batch(cfg.batch_size, world_size),
                                    per_process_eval_batch(cfg.eval_batch_size or cfg.batch_size, world_size),
                                    cfg.workers, seed, rank=rank, world_size=world_size)

@@ -172,11 +172,11 @@ def launch(recipe: Recipe, resume: str | None = None, process: ProcessInfo | Non
 def summarize(trainer: Trainer, history: list[dict[str, float]], wall_time_s: float,
               tracker: Tracker) -> dict[str, Any]:
     """The run's summary: what `summary.json` holds and `harness launch` prints."""
-    final = history[-1] if history else {}
+    final, split = (history[-1] if history else {}), trainer.recipe.data.eval_split
     return {
-        "recipe": trainer.recipe.name, "epochs": trainer.epoch,
-        "final_test_acc1": final.get("test/acc1", math.nan), "best_test_acc1": trainer.best_acc1,
-        "final_test_acc5": final.get("test/acc5"), "firing_rate_mean": final.get("firing_rate/mean"),
+        "recipe": trainer.recipe.name, "epochs": trainer.epoch, "eval_split": split,
+        f"final_{split}_acc1": final.get(f"{split}/acc1", math.nan), f"best_{split}_acc1": trainer.best_acc1,
+        f"final_{split}_acc5": final.get(f"{split}/acc5"), "firing_rate_mean": final.get("firing_rate/mean"),
         "wall_time_s": wall_time_s, "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "run_dir": str(trainer.run_dir), "mlflow_run_id": tracker.run_id,
         "tracking_uri": tracking_uri(trainer.recipe), "experiment": trainer.recipe.track.experiment,
@@ -213,7 +213,8 @@ def _train(recipe: Recipe, resume: str | None, process: ProcessInfo, echo, on_ep
         tracker.log_summary(summary)
     if process.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-        echo(f"final test acc1 {summary['final_test_acc1']:.2f}% (best {summary['best_test_acc1']:.2f}%) "
+        split = summary["eval_split"]
+        echo(f"final {split} acc1 {summary[f'final_{split}_acc1']:.2f}% (best {summary[f'best_{split}_acc1']:.2f}%) "
              f"after {summary['epochs']} epochs in {summary['wall_time_s']:.1f} s")
         echo(f"MLflow run {summary['mlflow_run_id']} in experiment '{recipe.track.experiment}' at "
              f"{summary['tracking_uri']}  (see it: mlflow ui --backend-store-uri {summary['tracking_uri']})")

@@ -220,7 +220,8 @@ class Trainer:
             metrics.update({f"vth/{name}": float(m.vth) for name, m in spiking_layers(self.model).items()
                             if hasattr(m, "vth")})
         metrics.update(monitor.efficiency(self.recipe.efficiency.mac_pj, self.recipe.efficiency.ac_pj))
-        return metrics
+        split = self.recipe.data.eval_split  # val: a held-out part of the training data (data.holdout)
+        return {f"{split}/{k.removeprefix('test/')}" if k.startswith("test/") else k: v for k, v in metrics.items()}
 
     def counters(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "best_acc1": self.best_acc1, "epoch_step": self.epoch_step,
@@ -245,9 +246,10 @@ class Trainer:
                     raise
                 metrics.update(self.evaluate())
                 self.epoch += 1
-                is_best = metrics["test/acc1"] > self.best_acc1
-                self.best_acc1 = max(self.best_acc1, metrics["test/acc1"])
-                metrics["test/best_acc1"] = self.best_acc1
+                split = self.recipe.data.eval_split
+                is_best = metrics[f"{split}/acc1"] > self.best_acc1
+                self.best_acc1 = max(self.best_acc1, metrics[f"{split}/acc1"])
+                metrics[f"{split}/best_acc1"] = self.best_acc1
                 tracker.log_metrics(metrics, step=self.epoch)
                 self.checkpointer.save(self.engine, self.counters(), self.recipe.model_dump(mode="json"),
                                        self.mlflow_run_id, is_best=is_best)

@@ -53,10 +53,11 @@ def epoch_bar(progress: Progress, description: str, total: int, world_size: int,
 
 
 def epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    split = "val" if "val/acc1" in m else "test"
     parts = [f"epoch {epoch}/{epochs}", f"loss {m['train/loss']:.4f}", f"train acc {m['train/acc1']:.2f}",
-             f"test acc1 {m['test/acc1']:.2f}"]
-    if "test/acc5" in m:
-        parts.append(f"acc5 {m['test/acc5']:.2f}")
+             f"{split} acc1 {m[f'{split}/acc1']:.2f}"]
+    if f"{split}/acc5" in m:
+        parts.append(f"acc5 {m[f'{split}/acc5']:.2f}")
     if "firing_rate/mean" in m:
         parts.append(f"rate {m['firing_rate/mean']:.3f}")
     parts.append(f"{m['train/img_per_s']:,.0f} img/s")

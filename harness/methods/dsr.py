@@ -1,7 +1,10 @@
 """`method.name: dsr`: the backbone spikified with DSR IF or LIF neurons (DSR.md).
 
-Logits are the output layer's spike representation (rate for IF, weighted rate for LIF); the loss is
-cross-entropy on them; thresholds are ordinary parameters (same optimizer and weight decay).
+Logits are the output layer's spike representation (rate for IF, weighted rate for LIF) with
+`readout: spikes` (the paper's network); with `readout: analog` the output layer keeps no neuron and its
+output is decoded the same way (the time mean for IF, the weighted mean for LIF), as SG's analog readout.
+The loss is cross-entropy on the logits; thresholds are ordinary parameters (same optimizer and weight
+decay).
 
 Hybrid start (DSR.md section 4, the ImageNet recipe): `method.init.ann_checkpoint` loads a trained ANN of
 the same backbone (a `method: ann` checkpoint, `{"model": state_dict, ...}` or a bare state dict, BN
@@ -25,7 +28,7 @@ from torch import nn
 
 from harness.engine import checkpoint
 from harness.engine.context import RunContext
-from harness.methods.base import DataInfo, MethodModel, create_backbone
+from harness.methods.base import DataInfo, MethodModel, create_backbone, drop_output_activation
 from harness.recipe import DSRMethod, ModelConfig, RecipeError
 from harness.snn import DSRIF, DSRLIF, activation_percentiles, set_thresholds, spikify
 from harness.snn.representation import NotCommuting, batch_norm_feeders, check_commutes, representation_step
@@ -120,6 +123,8 @@ def build(model: ModelConfig, method: DSRMethod, data: DataInfo) -> MethodModel:
     ann = create_backbone(model, data, act_layer=nn.ReLU)
     if method.init.ann_checkpoint is not None:
         load_ann_weights(ann, method.init.ann_checkpoint)
+    if method.readout == "analog":
+        drop_output_activation(ann, data.input_shape)
     snn = spikify(ann, neuron_factory(method), method.T, encoding=data.encoding)
     prepare = calibrator(ann, snn, method, data.is_sequence) if method.init.calibrate is not None else None
     if method.backward == "exact":

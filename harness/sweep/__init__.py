@@ -19,13 +19,23 @@ retries: 1                            # re-runs of a trial that failed or whose 
                                       #   last checkpoint (Tune's FailureConfig.max_failures)
 storage: ray_results                  # Tune's experiment folders (a shared path on a cluster)
 ```
+A tuned sweep (`tuning` set; `tuned.py`) gives every method the same tuning budget, then trains what it chose:
+```
+tune: {optim.lr: {loguniform: [0.01, 0.3]}}       # search space shared by every variant
+variants:
+  dsr_if: {set: {...}, space: {method.T: [1, 2, 4, 8]},          # space: the grid of cells
+           tune: {method.vth.init: {loguniform: [0.5, 8]}}}      # the variant's own knobs
+tuning: {trials: 8, holdout: 0.2}    # per cell (variant x grid point): 8 configurations, ASHA within the cell
+                                     #   on val/* of a seeded 20% held out from the training data
+final: {seeds: [0, 1, 2]}            # each cell's choice on the whole training data, tested, once per seed
+```
 Methods are a discriminated union in the recipe, so switching `method.name` needs a whole method section:
 a dotted key whose value is a mapping replaces that section, which is what variants are for. A variant
 without `T` (the ANN) simply has no `method.T` axis: it runs once per seed, not once per T.
 
 The parts: `spec` (the file's schema), `plan` (the trials it expands to, what `--dry-run` lists), `trial`
-(the Tune trainable: one `launch`, one MLflow run, its `worker.json`) and `driver` (parent run, Ray, Tune,
-how runs end, SIGINT/SIGTERM, `--resume`).
+(the Tune trainable: one `launch`, one MLflow run, its `worker.json`), `driver` (parent run, Ray, Tune,
+how runs end, SIGINT/SIGTERM, `--resume`) and `tuned` (a tuned sweep's two stages, ASHA per cell, the choice).
 """
 
 from harness.sweep.driver import Sweep, connect_ray, run_sweep

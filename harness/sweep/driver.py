@@ -49,6 +49,7 @@ class Sweep:
     spec: SweepSpec
     trials: dict[str, dict[str, Any]]
     experiment_dir: Path
+    stage: str = ""  # a tuned sweep's "tune" or "final" stage (its own Tune experiment and parent run)
 
     @property
     def track(self) -> dict[str, Any]:
@@ -56,7 +57,7 @@ class Sweep:
 
     def save(self) -> None:
         self.experiment_dir.mkdir(parents=True, exist_ok=True)
-        state = {"sweep_id": self.sweep_id, "parent_run_id": self.parent_run_id,
+        state = {"sweep_id": self.sweep_id, "parent_run_id": self.parent_run_id, "stage": self.stage,
                  "spec": self.spec.model_dump(mode="json"), "trials": self.trials}
         (self.experiment_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
@@ -67,7 +68,7 @@ class Sweep:
             raise SweepError(f"--resume: {experiment_dir} holds no {STATE_FILE}: not a sweep folder")
         state = json.loads(path.read_text())
         return cls(state["sweep_id"], state["parent_run_id"], SweepSpec.model_validate(state["spec"]),
-                   state["trials"], experiment_dir)
+                   state["trials"], experiment_dir, state.get("stage", ""))
 
 
 def run_sweep(sweep_file: str | Path, overrides: tuple[str, ...] = (), only: tuple[str, ...] = (),
@@ -78,6 +79,10 @@ def run_sweep(sweep_file: str | Path, overrides: tuple[str, ...] = (), only: tup
     sweep_file = Path(sweep_file)
     spec = load_sweep(sweep_file)
     storage = Path(spec.storage).resolve()
+    if spec.tuning is not None:
+        from harness.sweep.tuned import run_tuned_sweep
+
+        return run_tuned_sweep(spec, sweep_file, overrides, only, address, resume, num_cpus, echo)
     if resume:
         if overrides or only:
             raise SweepError("--resume continues the sweep as it was started: -o and --only do not apply")
@@ -88,18 +93,26 @@ def run_sweep(sweep_file: str | Path, overrides: tuple[str, ...] = (), only: tup
         track.reopen_run(sweep.track["tracking_uri"], sweep.parent_run_id)
     else:
         sweep = _start(spec, sweep_file, expand(spec, sweep_file, overrides, only), storage)
+    return run_stage(sweep, bool(resume), address, num_cpus, echo)
+
+
+def run_stage(sweep: Sweep, restore: bool, address: str | None, num_cpus: int | None, echo=print,
+              scheduler=None) -> dict[str, Any]:
+    """Run (or with `restore`, continue) the Tune experiment of `sweep`, then end its runs; the summary.
+    `scheduler`: Tune's trial scheduler (default: from the sweep file's `scheduler`)."""
     started, ended = False, "FAILED"  # how the parent ends if the driver itself fails
     try:
         started = connect_ray(address, num_cpus)
-        if resume:
+        if restore:
             from ray import tune
 
             if not tune.Tuner.can_restore(str(sweep.experiment_dir)):
                 raise SweepError(f"--resume: {sweep.experiment_dir} holds no Tune experiment state to restore")
-        echo(f"sweep {sweep.sweep_id}: {len(sweep.trials)} trials; MLflow parent run {sweep.parent_run_id}; "
+        stage = f" ({sweep.stage} stage)" if sweep.stage else ""
+        echo(f"sweep {sweep.sweep_id}{stage}: {len(sweep.trials)} trials; MLflow parent run {sweep.parent_run_id}; "
              f"Tune folder {sweep.experiment_dir}")
         with _sigterm_as_interrupt():
-            _tuner(sweep, restore=bool(resume)).fit()
+            _tuner(sweep, restore, scheduler).fit()
         ended = None
     except (KeyboardInterrupt, SystemExit):
         ended = "KILLED"
@@ -132,16 +145,24 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def _start(spec: SweepSpec, sweep_file: Path, trials: list[Trial], storage: Path) -> Sweep:
-    """The parent MLflow run, each trial's worker config, and the state file of a new sweep."""
+def new_sweep_id(spec: SweepSpec) -> str:
+    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _start(spec: SweepSpec, sweep_file: Path, trials: list[Trial], storage: Path, sweep_id: str | None = None,
+           stage: str = "", scheduler: str | None = None) -> Sweep:
+    """The parent MLflow run, each trial's worker config, and the state file of a new sweep (or of one stage of
+    a tuned sweep: its folder `<storage>/<sweep id>/<stage>`, parent run `<sweep id>/<stage>`, tag
+    `sweep.stage` on it and its trials, and `sweep.cell` on trials that have one)."""
     from harness import track
 
-    sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_id = sweep_id or new_sweep_id(spec)
     uri, experiment = trials[0].recipe.track.tracking_uri, trials[0].recipe.track.experiment
     track.check_reachable(uri)  # fails in seconds, before the parent run and Ray start
-    tags = {"sweep.id": sweep_id, "sweep.name": spec.name, "sweep.role": "parent",
-            "sweep.trials": str(len(trials)), "sweep.scheduler": spec.scheduler.kind}
-    parent_run_id = track.create_run(uri, experiment, sweep_id, tags)
+    staged = {"sweep.stage": stage} if stage else {}
+    tags = {"sweep.id": sweep_id, "sweep.name": spec.name, "sweep.role": "parent", **staged,
+            "sweep.trials": str(len(trials)), "sweep.scheduler": scheduler or spec.scheduler.kind}
+    parent_run_id = track.create_run(uri, experiment, f"{sweep_id}/{stage}" if stage else sweep_id, tags)
     try:
         track.log_text(uri, parent_run_id, sweep_file.read_text(), "sweep.yaml")
         track.log_text(uri, parent_run_id, describe(trials) + "\n", "trials.txt")
@@ -149,14 +170,18 @@ def _start(spec: SweepSpec, sweep_file: Path, trials: list[Trial], storage: Path
         for trial in trials:
             recipe = trial.recipe
             recipe.track.tags = {**recipe.track.tags, "sweep.id": sweep_id, "sweep.name": spec.name,
-                                 "sweep.variant": trial.variant, "sweep.trial": trial.name}
+                                 "sweep.variant": trial.variant, "sweep.trial": trial.name, **staged,
+                                 **({"sweep.cell": trial.cell} if trial.cell else {})}
             recipe.track.run_name = trial.name
+            output_root = recipe.track.output_dir
             recipe.track.output_dir = str(Path(recipe.track.output_dir).resolve() / "sweeps" / sweep_id / trial.name)
             if recipe.engine.threads is None:
                 recipe.engine.threads = max(1, int(spec.resources.cpu))
             configs[trial.name] = {"variant": trial.variant, "source": str(sweep_file), "parent_run_id": parent_run_id,
+                                   "cell": trial.cell, "tuned": trial.tuned, "output_root": output_root,
                                    "recipe": recipe.model_dump(mode="json")}
-        sweep = Sweep(sweep_id, parent_run_id, spec, configs, storage / sweep_id)
+        folder = storage / sweep_id / stage if stage else storage / sweep_id
+        sweep = Sweep(sweep_id, parent_run_id, spec, configs, folder, stage)
         sweep.save()
     except BaseException as error:  # interrupted or failed before the state file names the parent run
         track.end_run(uri, parent_run_id, "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED")
@@ -164,7 +189,7 @@ def _start(spec: SweepSpec, sweep_file: Path, trials: list[Trial], storage: Path
     return sweep
 
 
-def _tuner(sweep: Sweep, restore: bool):
+def _tuner(sweep: Sweep, restore: bool, scheduler=None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -175,7 +200,10 @@ def _tuner(sweep: Sweep, restore: bool):
         return tune.Tuner.restore(str(sweep.experiment_dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     sched = spec.scheduler
-    if sched.kind == "asha":
+    metric, mode = (spec.tuning.metric, spec.tuning.mode) if sweep.stage == "tune" else (sched.metric, sched.mode)
+    if scheduler is not None:
+        pass
+    elif sched.kind == "asha":
         max_t = max(t["recipe"]["optim"]["epochs"] for t in sweep.trials.values())
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=sched.grace_period,
                                   reduction_factor=sched.reduction_factor)
@@ -184,10 +212,10 @@ def _tuner(sweep: Sweep, restore: bool):
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(list(sweep.trials))},
-        tune_config=tune.TuneConfig(metric=sched.metric, mode=sched.mode, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                     max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
                                     trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_dirname),
-        run_config=tune.RunConfig(name=sweep.sweep_id, storage_path=str(sweep.experiment_dir.parent),
+        run_config=tune.RunConfig(name=sweep.experiment_dir.name, storage_path=str(sweep.experiment_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=spec.retries),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
     )

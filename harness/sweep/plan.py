@@ -17,52 +17,126 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.recipe import Recipe, RecipeError, apply_override, set_field, validate_recipe
-from harness.sweep.spec import MAX_TRIALS, Axis, SweepError, SweepSpec, Variant
+from harness.sweep.spec import MAX_TRIALS, Axis, Distribution, SweepError, SweepSpec, Variant
 from harness.yamlfile import read_yaml
 
 
 @dataclass
 class Trial:
-    """One resolved trial: its name, variant, the axis values that made it, and its validated recipe."""
+    """One resolved trial: its name, variant, the axis values that made it, and its validated recipe. In a
+    tuned sweep's tuning stage also its cell (variant and grid point, `dsr_if-T=4`) and the values drawn from
+    the tune space (`tuned`)."""
 
     name: str
     variant: str
     values: dict[str, Any]
     recipe: Recipe
+    cell: str = ""
+    tuned: dict[str, Any] = field(default_factory=dict)
 
 
-def expand(spec: SweepSpec, source: str | Path, overrides: tuple[str, ...] = (),
-           only: tuple[str, ...] = ()) -> list[Trial]:
-    """Every trial of the sweep, in order, each recipe validated (RecipeError names the trial and field)."""
-    source = Path(source)
+def _base_recipe(spec: SweepSpec, source: Path) -> dict:
     base_path = (source.parent / spec.recipe).resolve()
     if not base_path.is_file():
         raise SweepError(f"recipe: base recipe {spec.recipe!r} not found (looked at {base_path})", file=source)
     base = read_yaml(base_path, "base recipe", RecipeError) or {}
     if not isinstance(base, dict):
         raise RecipeError(f"a recipe is a YAML mapping of sections, got {type(base).__name__}", file=base_path)
+    return base
+
+
+def _variants(spec: SweepSpec, source: Path, only: tuple[str, ...]) -> dict[str, Variant]:
     variants = spec.variants or {"": Variant()}
     unknown = [name for name in only if name not in variants]
     if unknown:
         raise SweepError(f"--only: unknown variant {unknown[0]!r}; the file has: {', '.join(variants) or '(none)'}",
                          file=source)
+    return variants
+
+
+def _resolve(base: dict, settings: list[tuple[str, Any]], overrides: tuple[str, ...], where: str) -> Recipe:
+    """The validated recipe: `base` with the dotted `settings` in order, then the command line's overrides."""
+    raw = copy.deepcopy(base)
+    for key, value in settings:
+        set_field(raw, key, copy.deepcopy(value), f"{where} {key!r}")
+    for override in overrides:
+        apply_override(raw, override)
+    _absolute_paths(raw, Path.cwd())
+    return validate_recipe(raw, where)
+
+
+def _check_overrides(overrides: tuple[str, ...], keys: set[str], source: Path) -> None:
+    clash = sorted({o.split("=", 1)[0].strip() for o in overrides} & keys)
+    if clash:
+        raise SweepError(f"-o {clash[0]}: that key is a sweep axis in {source}; drop it from -o or from the sweep file")
+
+
+def expand_tuning(spec: SweepSpec, source: str | Path, overrides: tuple[str, ...] = (),
+                  only: tuple[str, ...] = ()) -> list[Trial]:
+    """The tuning stage of a tuned sweep (`spec.tuning` set): for every cell (variant x grid point of its
+    `space`, in file order), `tuning.trials` configurations, each value of the variant's tune space (its own,
+    then the shared `tune` it does not redefine) drawn from a generator seeded by `sample_seed` and the cell's
+    name (so a cell's draws do not depend on the other cells or on `--only`); a list is a uniform choice.
+    Every trial trains with `seed: tuning.seed` on the training data less the held-out part
+    (`data.holdout`, `data.holdout_seed`). Trials are named `<cell>-c<i>`."""
+    source, tuning = Path(source), spec.tuning
+    if tuning is None:
+        raise SweepError("expand_tuning needs a tuned sweep (a tuning section)", file=source)
+    base, variants = _base_recipe(spec, source), _variants(spec, source, only)
+    cells = []
+    for variant_name, variant in variants.items():
+        if only and variant_name not in only:
+            continue
+        space = _space(spec, variant)
+        drawn = [k for k, axis in space.items() if not isinstance(axis, list)]
+        if drawn:
+            raise SweepError(f"space.{drawn[0]}: a tuned sweep's space is the grid of its cells (lists); put "
+                             f"distributions under tune", file=source)
+        tune = {**variant.tune, **{k: axis for k, axis in spec.tune.items() if k not in variant.tune}}
+        for point in itertools.product(*space.values()):
+            cells.append((variant_name, variant, dict(zip(space, point, strict=True)), tune))
+    if len(cells) * tuning.trials > MAX_TRIALS:
+        raise SweepError(f"tuning.trials: {len(cells)} cells x {tuning.trials} make {len(cells) * tuning.trials:,} "
+                         f"trials; at most {MAX_TRIALS:,}", file=source)
+    trials, width = [], len(str(tuning.trials - 1))
+    fixed = [("seed", tuning.seed), ("data.holdout", tuning.holdout), ("data.holdout_seed", tuning.holdout_seed)]
+    for variant_name, variant, grid, tune in cells:
+        _check_overrides(overrides, {*grid, *tune}, source)
+        cell = _trial_name(variant_name, grid, 0, 1)
+        rng = random.Random(f"{spec.sample_seed}:{cell}")
+        for i in range(tuning.trials):
+            tuned = {k: axis.draw(rng) if isinstance(axis, Distribution) else rng.choice(axis)
+                     for k, axis in tune.items()}
+            name = f"{cell}-c{i:0{width}d}"
+            recipe = _resolve(base, [*spec.set.items(), *variant.set.items(), *grid.items(), *tuned.items(), *fixed],
+                              overrides, f"{source} [trial {name}]")
+            trials.append(Trial(name, variant_name, {**grid, **tuned}, recipe, cell=cell, tuned=tuned))
+    _check_trials(trials, source, spec)
+    return trials
+
+
+def expand(spec: SweepSpec, source: str | Path, overrides: tuple[str, ...] = (),
+           only: tuple[str, ...] = ()) -> list[Trial]:
+    """Every trial of the sweep, in order, each recipe validated (RecipeError names the trial and field). A tuned
+    sweep expands to its tuning stage (`expand_tuning`); its final stage follows from the tuning results."""
+    if spec.tuning is not None:
+        return expand_tuning(spec, source, overrides, only)
+    source = Path(source)
+    base, variants = _base_recipe(spec, source), _variants(spec, source, only)
     spaces = {name: _space(spec, variant) for name, variant in variants.items()}
     count = spec.num_samples * sum(math.prod(len(axis) for axis in space.values() if isinstance(axis, list))
                                    for space in spaces.values())
     if count > MAX_TRIALS:
         raise SweepError(f"space: the grids x num_samples make {count:,} trials; at most {MAX_TRIALS:,}", file=source)
-    override_keys = {o.split("=", 1)[0].strip() for o in overrides}
-    rng, trials, cwd = random.Random(spec.sample_seed), [], Path.cwd()
+    rng, trials = random.Random(spec.sample_seed), []
     for variant_name, variant in variants.items():
         space = spaces[variant_name]
-        clash = sorted(override_keys & set(space))
-        if clash:
-            raise SweepError(f"-o {clash[0]}: that key is a sweep axis in {source}; drop it from -o or from space")
+        _check_overrides(overrides, set(space), source)
         grid_keys = [k for k, axis in space.items() if isinstance(axis, list)]
         for point, sample in itertools.product(itertools.product(*(space[k] for k in grid_keys)),
                                                range(spec.num_samples)):
@@ -71,14 +145,9 @@ def expand(spec: SweepSpec, source: str | Path, overrides: tuple[str, ...] = (),
             if only and variant_name not in only:  # drawn all the same, so the others keep their values
                 continue
             name = _trial_name(variant_name, values, sample, spec.num_samples)
-            where = f"{source} [trial {name}]"
-            raw = copy.deepcopy(base)
-            for key, value in [*spec.set.items(), *variant.set.items(), *values.items()]:
-                set_field(raw, key, copy.deepcopy(value), f"{where} {key!r}")
-            for override in overrides:
-                apply_override(raw, override)
-            _absolute_paths(raw, cwd)
-            trials.append(Trial(name, variant_name, values, validate_recipe(raw, where)))
+            recipe = _resolve(base, [*spec.set.items(), *variant.set.items(), *values.items()], overrides,
+                              f"{source} [trial {name}]")
+            trials.append(Trial(name, variant_name, values, recipe))
     _check_trials(trials, source, spec)
     return trials
 

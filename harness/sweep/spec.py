@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
 from harness.recipe import (
@@ -68,10 +68,42 @@ Axis = Annotated[list[Any], Field(min_length=1)] | Distribution
 
 
 class Variant(Section):
-    """A named alternative: dotted overrides and axes of its own (added to, or replacing, the shared ones)."""
+    """A named alternative: dotted overrides and axes of its own (added to, or replacing, the shared ones), and
+    in a tuned sweep its own search space `tune` (added to, or replacing, the shared one)."""
 
     set: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Axis] = Field(default_factory=dict)
+    tune: dict[str, Axis] = Field(default_factory=dict)
+
+
+class TuningConfig(Section):
+    """Stage 1 of a tuned sweep (`harness.sweep.tuned`): in every cell (a variant at one point of its grid, e.g.
+    dsr_if at T=4), `trials` configurations drawn from the variant's `tune` space, trained on the training data
+    less a held-out validation part and compared by ASHA within the cell on `metric`."""
+
+    trials: Annotated[int, NotBoolean, Field(ge=1, le=MAX_TRIALS)]  # per cell: the budget every method gets
+    holdout: Annotated[Real, Field(gt=0, lt=1)] = 0.2  # fraction of the training data held out to validate on
+    holdout_seed: NonNegativeInt = 0  # which samples (the same for every trial)
+    seed: NonNegativeInt = 0  # the recipe seed of every tuning trial
+    metric: str = "val/acc1"  # what ASHA and the final choice compare (a val/* metric: never the test split)
+    mode: Literal["max", "min"] = "max"
+    grace_period: PositiveInt = 1  # epochs before ASHA may stop a trial
+    reduction_factor: Annotated[Real, Field(gt=1), InFloat32] = 3.0  # ASHA keeps 1/reduction_factor per rung
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, metric: str) -> str:
+        if not metric.startswith("val/"):
+            raise ValueError(f"{metric!r} is not a validation metric; tuning compares val/* metrics (the held-out "
+                             f"part of the training data), so the test split never chooses")
+        return metric
+
+
+class FinalConfig(Section):
+    """Stage 2 of a tuned sweep: each cell's chosen configuration trained on the whole training data once per
+    seed, evaluated on the test split."""
+
+    seeds: Annotated[list[NonNegativeInt], Field(min_length=1)] = Field(default_factory=lambda: [0, 1, 2])
 
 
 class SchedulerConfig(Section):
@@ -106,6 +138,33 @@ class SweepSpec(Section):
     max_concurrent: PositiveInt | None = None  # default: as many as the resources allow
     retries: NonNegativeInt = 0
     storage: str = "ray_results"
+    tune: dict[str, Axis] = Field(default_factory=dict)  # tuned sweeps: the search space shared by every variant
+    tuning: TuningConfig | None = None  # set: a tuned sweep (tuning stage, then final stage)
+    final: FinalConfig = Field(default_factory=FinalConfig)  # tuned sweeps: the final stage
+
+    @model_validator(mode="after")
+    def _tuned(self) -> "SweepSpec":
+        tunes = bool(self.tune) or any(v.tune for v in self.variants.values())
+        if self.tuning is None:
+            if tunes or "final" in self.model_fields_set:
+                raise ValueError("tune / final apply to a tuned sweep: add a tuning section (tuning.trials, the "
+                                 "configurations each cell gets)")
+            return self
+        seeds = [k for k in (self.space, *(v.space for v in self.variants.values())) if "seed" in k]
+        if seeds:
+            raise ValueError("space.seed: a tuned sweep's seeds are final.seeds (tuning runs with tuning.seed)")
+        if self.num_samples != 1:
+            raise ValueError(f"num_samples: {self.num_samples}; a tuned sweep draws tuning.trials configurations "
+                             f"per cell instead")
+        if self.scheduler != SchedulerConfig():
+            raise ValueError("scheduler: a tuned sweep runs ASHA within each cell from tuning.* (metric, mode, "
+                             "grace_period, reduction_factor) and its final stage to the end; drop scheduler")
+        for name, variant in self.variants.items():
+            shared = {k for k in variant.space} | {k for k in self.space}
+            both = sorted(shared & ({*variant.tune} | {*self.tune}))
+            if both:
+                raise ValueError(f"variants.{name}: {both[0]!r} is both a grid axis (space) and tuned (tune)")
+        return self
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -119,10 +178,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
         return SweepSpec.model_validate(raw)
     except ValidationError as e:
         error = _first_relevant(e.errors())
-        where = ".".join(str(p) if str(p).isprintable() else repr(p) for p in _field(error)) or "(top level)"
+        where = ".".join(str(p) if str(p).isprintable() else repr(p) for p in _field(error))
         allowed = f"; allowed: {', '.join(SweepSpec.model_fields)}" if error["type"] == "extra_forbidden" and \
             len(error["loc"]) == 1 else ""
-        raise SweepError(f"{where}: {error['msg'].removeprefix('Value error, ')}{allowed}", file=path) from None
+        message = error["msg"].removeprefix("Value error, ")  # a check of the whole file names its fields itself
+        raise SweepError(f"{where}: {message}{allowed}" if where else message, file=path) from None
 
 
 def _field(error: dict) -> list:
