@@ -6,7 +6,7 @@ VENV ?= .venv
 EXTRAS ?= dev,ffcv,deepspeed,dvs,peer
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install system-deps quickstart test test-fast lint
+.PHONY: install system-deps quickstart test test-fast lint fair fair-table
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,20 @@ test-fast: install  # the inner loop: everything but the tests that start proces
 
 lint: install
 	$(VENV)/bin/ruff check harness tests
+
+# The fair method comparison (README "Comparing methods fairly"): the tuned sweep, then its table and plots.
+# `make fair-table SWEEP=<sweep id>` redraws them from the MLflow runs of a finished sweep.
+FAIR = --experiment mnist5k-fair --sweep $(SWEEP)
+FAIR_ROWS = --rows variant,readout $(FAIR_FOOTNOTES)
+fair: install
+	$(VENV)/bin/harness sweep recipes/sweeps/mnist5k_fair.yaml
+	$(MAKE) --no-print-directory fair-table SWEEP=$$(basename $$(ls -d ray_results/mnist5k_fair-* | tail -1))
+
+fair-table: install
+	@test -n "$(SWEEP)" || { echo "usage: make fair-table SWEEP=<sweep id> (a folder name under ray_results/)"; exit 2; }
+	$(VENV)/bin/harness table $(FAIR) $(FAIR_ROWS) --output results/tables/mnist5k_fair.md
+	$(VENV)/bin/harness table $(FAIR) $(FAIR_ROWS) --format latex --output results/tables/mnist5k_fair.tex
+	$(VENV)/bin/harness table $(FAIR) --rows variant,readout --metric efficiency/energy_uj --precision 3 \
+		--output results/tables/mnist5k_fair_energy_uj.md
+	$(VENV)/bin/harness plot $(FAIR) --series variant --output results/mnist5k_fair.png
+	$(VENV)/bin/harness plot $(FAIR) --series variant --curves --output results/mnist5k_fair_curves.png

@@ -229,6 +229,38 @@ def test_converted_snn_approaches_the_trained_ann_as_T_grows(digits):
     assert all(abs(gaps[T]) <= 0.03 for T in (4, 8, 16, 32)), gaps
 
 
+def test_qcfs_headline_efficiency_is_its_snns_at_T(digits):
+    """The qcfs run's `efficiency/*` and `firing_rate/mean` are those of its converted SNN at `method.T`
+    (counted on the evaluation batches), not the ANN's: synaptic operations are spike-driven accumulates that
+    grow with T and the only MACs left are the first layer's (analog input); the ANN's stay `efficiency/ann_*`."""
+    from harness.snn.stats import FiringRateMonitor, dense_macs
+
+    _, _, x_val, y_val = digits
+    batches = [(x_val[:64], y_val[:64]), (x_val[64:128], y_val[64:128])]
+    measured = {}
+    for T in (1, 4):
+        model = build({"name": "qcfs", "L": 4, "lambda_init": 4.0, "T": T, "eval_T": [T]})
+        torch.manual_seed(0)
+        ann = train(model.model, digits, epochs=1)
+        context = RunContext(torch.device("cpu"), ProcessInfo(), Precision("fp32", "cpu"), [], batches, 10,
+                             mac_pj=2.0, ac_pj=0.5)
+        measured[T] = metrics = model.extra_eval(context)
+        with torch.no_grad(), FiringRateMonitor(ann.eval()) as on_ann:
+            for x, _y in batches:
+                ann(x)
+        ann_energy = on_ann.efficiency(2.0, 0.5)["efficiency/energy_uj"]
+        assert metrics["efficiency/ann_energy_uj"] == pytest.approx(ann_energy)  # dense MACs, every layer
+        first = next(m for m in ann.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        with torch.no_grad():
+            first_macs = dense_macs(first, first(x_val[:1]))  # one image through the first layer
+        # the first layer alone is fed the analog image, once per step; every other layer is spike-driven
+        assert metrics["efficiency/macs_per_sample"] == pytest.approx(T * first_macs)
+        assert metrics["efficiency/energy_uj"] == pytest.approx(
+            (metrics["efficiency/macs_per_sample"] * 2.0 + metrics["efficiency/sops_per_sample"] * 0.5) / 1e6)
+        assert 0 < metrics["firing_rate/mean"] < 1
+    assert measured[4]["efficiency/sops_per_sample"] > 2 * measured[1]["efficiency/sops_per_sample"]
+
+
 # ---------------------------------------------------------------- DSR hybrid start
 @pytest.fixture(scope="module")
 def ann_checkpoint(digits, tmp_path_factory):

@@ -9,6 +9,7 @@ import torch
 
 from harness.engine.distributed import ProcessInfo, all_reduce_sum
 from harness.engine.precision import Precision
+from harness.snn.stats import AC_PJ, MAC_PJ
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class RunContext:
         train_loader: this process's training batches `(x, y)`.
         val_loader: this process's shard of the validation set.
         num_classes: classes of the task.
+        mac_pj, ac_pj: energy per multiply-accumulate and per accumulate (the recipe's `efficiency`).
     """
 
     device: torch.device
@@ -28,6 +30,8 @@ class RunContext:
     train_loader: Iterable
     val_loader: Iterable
     num_classes: int
+    mac_pj: float = MAC_PJ
+    ac_pj: float = AC_PJ
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over every process of the job (on this run's device)."""

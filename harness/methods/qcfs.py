@@ -7,7 +7,9 @@ ANN evaluation: the ANN converted to IF neurons (`harness.snn.convert.convert_qc
 max(eval_T) steps; since step t depends only on steps <= t, its outputs averaged over the first T steps
 are the SNN's logits at T for every T in `eval_T` at once. Logged: `test/acc1_T{T}` for every T,
 `test/acc1_ann` (the source ANN), and the run's headline `test/loss`, `test/acc1` (`test/acc5`) replaced
-by the SNN's at `method.T`, so a qcfs run is compared with the other methods at its latency.
+by the SNN's at `method.T`, so a qcfs run is compared with the other methods at its latency. The SNN at
+`method.T` runs once more under the spike counter, so the headline `firing_rate/*` and `efficiency/*`
+(synaptic operations, energy) are also the SNN's at that latency; `efficiency/ann_*` stay the ANN's.
 """
 
 import torch
@@ -18,6 +20,7 @@ from harness.engine.evaluation import evaluate_outputs
 from harness.methods.base import DataInfo, MethodModel, create_backbone, drop_output_activation
 from harness.recipe import ModelConfig, QCFSMethod
 from harness.snn import QCFS, convert_qcfs, replace_activations
+from harness.snn.stats import FiringRateMonitor
 
 
 def snn_evaluator(ann: nn.Module, method: QCFSMethod):
@@ -36,6 +39,13 @@ def snn_evaluator(ann: nn.Module, method: QCFSMethod):
         metrics = {f"test/acc1_T{T}": scores[f"T{T}"]["acc1"] for T in method.eval_T}
         metrics["test/acc1_ann"] = scores["ann"]["acc1"]
         metrics.update({f"test/{name}": value for name, value in scores[f"T{method.T}"].items()})
+        at_T = convert_qcfs(ann, method.T).eval()  # the cost of the headline latency, counted as every SNN's
+        with FiringRateMonitor(at_T) as monitor:
+            evaluate_outputs(lambda x: {"snn": at_T(x)}, run)
+        monitor.reduce(run.reduce_sum)
+        metrics["firing_rate/mean"] = monitor.mean_rate()
+        metrics.update({f"firing_rate/{name}": r for name, r in monitor.rates().items()})
+        metrics.update(monitor.efficiency(run.mac_pj, run.ac_pj))
         return metrics
 
     return extra_eval

@@ -92,7 +92,7 @@ def run_sweep(sweep_file: str | Path, overrides: tuple[str, ...] = (), only: tup
         track.check_reachable(sweep.track["tracking_uri"])  # fails in seconds, before Ray starts
         track.reopen_run(sweep.track["tracking_uri"], sweep.parent_run_id)
     else:
-        sweep = _start(spec, sweep_file, expand(spec, sweep_file, overrides, only), storage)
+        sweep = start(spec, sweep_file, expand(spec, sweep_file, overrides, only), storage)
     return run_stage(sweep, bool(resume), address, num_cpus, echo)
 
 
@@ -149,7 +149,7 @@ def new_sweep_id(spec: SweepSpec) -> str:
     return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _start(spec: SweepSpec, sweep_file: Path, trials: list[Trial], storage: Path, sweep_id: str | None = None,
+def start(spec: SweepSpec, sweep_file: Path, trials: list[Trial], storage: Path, sweep_id: str | None = None,
            stage: str = "", scheduler: str | None = None) -> Sweep:
     """The parent MLflow run, each trial's worker config, and the state file of a new sweep (or of one stage of
     a tuned sweep: its folder `<storage>/<sweep id>/<stage>`, parent run `<sweep id>/<stage>`, tag
@@ -201,13 +201,11 @@ def _tuner(sweep: Sweep, restore: bool, scheduler=None):
                                   resume_errored=True)
     sched = spec.scheduler
     metric, mode = (spec.tuning.metric, spec.tuning.mode) if sweep.stage == "tune" else (sched.metric, sched.mode)
-    if scheduler is not None:
-        pass
-    elif sched.kind == "asha":
+    if scheduler is None and sched.kind == "asha":
         max_t = max(t["recipe"]["optim"]["epochs"] for t in sweep.trials.values())
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=sched.grace_period,
                                   reduction_factor=sched.reduction_factor)
-    else:
+    elif scheduler is None:
         scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
@@ -229,7 +227,7 @@ def _tune_trial_dirname(trial) -> str:
     return f"{trial.config['trial'][:80]}_{trial.trial_id}"
 
 
-def _trial_statuses(sweep: Sweep) -> dict[str, str]:
+def trial_statuses(sweep: Sweep) -> dict[str, str]:
     """Tune's status of every trial as the experiment was last saved (TERMINATED, ERROR, PENDING, RUNNING, ...);
     none if Tune saved no state (the driver failed before it started)."""
     from ray import tune
@@ -252,7 +250,7 @@ def _finish(sweep: Sweep, ended: str | None) -> dict[str, Any]:
     included)."""
     from harness import track
 
-    statuses = _trial_statuses(sweep)
+    statuses = trial_statuses(sweep)
     left = [name for name in sweep.trials if statuses.get(name) not in ("TERMINATED", "ERROR")]
     failed = [name for name in sweep.trials if statuses.get(name) == "ERROR"]
     ended = ended or ("KILLED" if left else "FAILED" if failed else "FINISHED")

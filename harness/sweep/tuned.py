@@ -28,7 +28,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 
 from harness.recipe import Recipe
-from harness.sweep.driver import STATE_FILE, Sweep, _start, _trial_statuses, new_sweep_id, run_stage
+from harness.sweep.driver import STATE_FILE, Sweep, new_sweep_id, run_stage, start, trial_statuses
 from harness.sweep.plan import Trial, expand_tuning
 from harness.sweep.spec import SweepError, SweepSpec, TuningConfig
 
@@ -136,11 +136,11 @@ def run_tuned_sweep(spec: SweepSpec, sweep_file: Path, overrides: tuple[str, ...
     else:
         sweep_id = new_sweep_id(spec)
         root = storage / sweep_id
-        tuning = _start(spec, sweep_file, expand_tuning(spec, sweep_file, overrides, only), storage, sweep_id,
+        tuning = start(spec, sweep_file, expand_tuning(spec, sweep_file, overrides, only), storage, sweep_id,
                         "tune", scheduler="asha per cell")
     final_dir = root / "final"
     if not (final_dir / STATE_FILE).is_file():
-        statuses = _trial_statuses(tuning)
+        statuses = trial_statuses(tuning)
         if not statuses or any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
             restore = bool(resume) and tune.Tuner.can_restore(str(tuning.experiment_dir))
             if resume:
@@ -154,8 +154,7 @@ def run_tuned_sweep(spec: SweepSpec, sweep_file: Path, overrides: tuple[str, ...
         for cell, choice in chosen.items():
             echo(f"chose {choice['trial']} for {cell}: {choice['metric']} {choice['score']:.2f} after "
                  f"{choice['epochs_reached']} epochs ({choice['trials']} configurations, {choice['epochs']} epochs)")
-        final = _start(tuning.spec, Path(next(iter(tuning.trials.values()))["source"]), final_trials(tuning, chosen),
-                       storage, tuning.sweep_id, "final")
+        final = start(tuning.spec, sweep_file, final_trials(tuning, chosen), storage, tuning.sweep_id, "final")
         track.log_text(final.track["tracking_uri"], final.parent_run_id, json.dumps(chosen, indent=1), SELECTION_FILE)
         restore = False
     else:
