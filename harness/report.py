@@ -399,6 +399,13 @@ def plot(experiment: str, uri: str, output: str | Path, metric: str = "test/acc1
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{experiment}" + (f" / sweep {sweep}" if sweep else "") + f" ({len(frame)} runs)", fontsize=10)
+    return _save(fig, output)
+
+
+def _save(fig, output: str | Path) -> Path:
+    """Write `fig` to the PNG `output` (its folder made), close it, return the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -449,9 +456,4 @@ def curves(experiment: str, uri: str, output: str | Path, metric: str = "test/ac
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{metric} per epoch, mean ± std over seeds: {experiment}" + (f" / sweep {sweep}" if sweep else ""),
                  fontsize=10)
-    fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=130)
-    plt.close(fig)
-    return output
+    return _save(fig, output)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from test_sweep import BASE as SWEEP_BASE
 from test_sweep import _cli, _ended, _sweep_process, _tail, write
 
 import harness.models  # noqa: F401
@@ -24,14 +25,8 @@ from harness.sweep import SweepError, expand, load_sweep
 from harness.sweep.spec import TuningConfig
 from harness.sweep.tuned import CellASHA, choose_from
 
-BASE = {
-    "name": "digits_fair",
-    "data": {"dataset": "digits", "batch_size": 128},
-    "model": {"backbone": "snn_convnet"},
-    "method": {"name": "dsr", "neuron": "if", "T": 2, "vth": {"init": 2.0}},
-    "optim": {"name": "sgd", "lr": 0.05, "epochs": 2},
-    "track": {"experiment": "fair"},
-}
+BASE = {**SWEEP_BASE, "name": "digits_fair", "optim": {**SWEEP_BASE["optim"], "epochs": 2},
+        "track": {"experiment": "fair"}}
 
 
 # --------------------------------------------------------------------------------------------- readout
