@@ -28,6 +28,7 @@ sweep driver, its trials and the report make (`find_runs`, as plain `RunRecord`s
 This is the only module that talks to MLflow.
 """
 
+import fcntl
 import json
 import os
 import signal
@@ -172,6 +173,7 @@ def check_reachable(uri: str) -> None:
                                       "track.tracking_uri (or MLFLOW_TRACKING_URI)")
         if not os.access(folder, os.W_OK):
             raise TrackingUnreachable(f"tracking URI {uri}: folder {folder} is not writable")
+        _create_sqlite_store(uri, folder)
         return
     if not uri.startswith(("http://", "https://")):
         return
@@ -185,6 +187,18 @@ def check_reachable(uri: str) -> None:
                                       f"server ({_first_line(error)}); fix track.tracking_uri (or "
                                       "MLFLOW_TRACKING_URI)") from None
         raise TrackingUnreachable(_unreachable_message(uri, reason)) from None
+
+
+def _create_sqlite_store(uri: str, folder: Path) -> None:
+    """Open the sqlite store once, holding an exclusive lock on its folder: the first opening creates or
+    upgrades the schema, and processes started together on a new file (`harness launch ... &` once per seed)
+    would otherwise race on it (seen: `sqlite3.OperationalError: duplicate column name: step`)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _first_line(error: BaseException) -> str:

@@ -393,3 +393,31 @@ def test_a_server_that_goes_away_mid_run_does_not_stop_training(tmp_path, server
         if launch is not None:
             launch.end()
         server.kill()
+
+
+OPEN_TOGETHER = """
+import sys, time
+from harness import track
+from mlflow.tracking import MlflowClient
+uri, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every process opens the new store at the same moment
+track.check_reachable(uri)
+client = MlflowClient(uri)
+run = client.create_run(track.ensure_experiment(client, "together", uri))
+client.set_terminated(run.info.run_id)
+"""
+
+
+@pytest.mark.slow
+def test_processes_started_together_on_a_new_sqlite_store_all_open_it(tmp_path):
+    """`harness launch ... &` once per seed on a new sqlite file: every process creates or checks the schema on
+    opening, and without the folder lock `check_reachable` takes, all but one failed with `sqlite3.OperationalError:
+    duplicate column name: step` (2 of 3 processes, measured)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = time.time() + 8  # after every interpreter has imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, uri, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(o[-2000:] for o in outputs)
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("together").experiment_id])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
