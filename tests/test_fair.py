@@ -294,7 +294,7 @@ def test_an_interrupted_tuned_sweep_resumes_through_both_stages(tuned):
     parents = {r.tags["sweep.stage"]: r for r in runs if r.tags.get("sweep.role") == "parent"}
     assert parents["tune"].status == parents["final"].status == "FINISHED"
     # every tuning trial has exactly one run that ended finished or stopped early by ASHA (an attempt cut off
-    # before its first checkpoint left a FAILED run that says so, and the trial started anew)
+    # before its first checkpoint left a run KILLED as interrupted, or FAILED as died, and the trial started anew)
     by_trial = {}
     for run in tune:
         by_trial.setdefault(run.tags["sweep.trial"], []).append(run)
@@ -302,7 +302,8 @@ def test_an_interrupted_tuned_sweep_resumes_through_both_stages(tuned):
     for name, trial_runs in by_trial.items():
         ended = [r for r in trial_runs if r.status == "FINISHED" or r.tags.get("sweep.stopped") == "early"]
         assert len(ended) == 1, (name, [(r.status, r.tags) for r in trial_runs])
-        assert all(r.status == "FAILED" and "died" in r.tags["sweep.error"] for r in trial_runs if r not in ended)
+        assert all((r.status, r.tags.get("sweep.stopped")) == ("KILLED", "interrupted") or
+                   (r.status == "FAILED" and "died" in r.tags["sweep.error"]) for r in trial_runs if r not in ended)
         by_trial[name] = ended
     assert all(r.params["data.holdout"] == "0.2" and "val/acc1" in r.metrics for r in tune)
     assert not [k for r in tune for k in r.metrics if k.startswith("test/")]  # tuning never read the test split
@@ -345,3 +346,23 @@ def test_table_of_a_tuned_sweep_shows_the_final_runs_and_what_tuning_chose(tuned
     code, out, err = _cli(monkeypatch, capsys, "plot", "--experiment", "fair", "--sweep", tuned.sweep_id,
                           "--tracking-uri", tuned.uri, "--series", "variant", "--curves", "--output", "c.png")
     assert code == 0 and (tuned.folder / "c.png").stat().st_size > 10_000, err
+
+
+def test_the_committed_table_is_what_the_committed_store_gives(tmp_path):
+    """results/tables/mnist5k_fair.md is `harness table` over the MLflow runs of its sweep id, kept (gzipped)
+    in results/mlflow/: every measured row (footnote marks aside) and the tuning table come out the same."""
+    import gzip
+    import shutil
+    from pathlib import Path
+
+    from harness.report import comparison
+
+    root = Path(__file__).resolve().parents[1]
+    with gzip.open(root / "results" / "mlflow" / "mnist5k_fair.db.gz") as packed, open(tmp_path / "m.db", "wb") as db:
+        shutil.copyfileobj(packed, db)
+    made = comparison("mnist5k-fair", f"sqlite:///{tmp_path / 'm.db'}", ["variant", "readout"], "T", "test/acc1",
+                      sweep="mnist5k_fair-20261203-191638")
+    committed = (root / "results" / "tables" / "mnist5k_fair.md").read_text()
+    rows = [line.replace(" [a]", "").replace(" [b]", "") for line in committed.splitlines() if line.startswith("|")]
+    assert [line for line in made.splitlines() if line.startswith("|")] == rows
+    assert "(n=3)" in rows[2] and len(rows) == 2 + 6 + 2 + 21  # 6 method rows; 21 cells in the tuning table

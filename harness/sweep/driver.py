@@ -58,7 +58,7 @@ class Sweep:
     def save(self) -> None:
         self.experiment_dir.mkdir(parents=True, exist_ok=True)
         state = {"sweep_id": self.sweep_id, "parent_run_id": self.parent_run_id, "stage": self.stage,
-                 "spec": self.spec.model_dump(mode="json"), "trials": self.trials}
+                 "spec": self.spec.model_dump(mode="json", exclude_unset=True), "trials": self.trials}  # as written
         (self.experiment_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
     @classmethod
