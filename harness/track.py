@@ -173,7 +173,6 @@ def check_reachable(uri: str) -> None:
                                       "track.tracking_uri (or MLFLOW_TRACKING_URI)")
         if not os.access(folder, os.W_OK):
             raise TrackingUnreachable(f"tracking URI {uri}: folder {folder} is not writable")
-        _create_sqlite_store(uri, folder)
         return
     if not uri.startswith(("http://", "https://")):
         return
@@ -189,14 +188,18 @@ def check_reachable(uri: str) -> None:
         raise TrackingUnreachable(_unreachable_message(uri, reason)) from None
 
 
-def _create_sqlite_store(uri: str, folder: Path) -> None:
-    """Open the sqlite store once, holding an exclusive lock on its folder: the first opening creates or
-    upgrades the schema, and processes started together on a new file (`harness launch ... &` once per seed)
-    would otherwise race on it (seen: `sqlite3.OperationalError: duplicate column name: step`)."""
-    descriptor = os.open(folder, os.O_RDONLY)
+@contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """While inside, hold an exclusive lock on the folder of a sqlite store (nothing for other stores). Opening
+    a store creates or upgrades its schema, and processes started together on a new file (`harness launch ...
+    &` once per seed) raced on it (seen: `sqlite3.OperationalError: duplicate column name: step`)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    descriptor = os.open(Path(uri.removeprefix("sqlite:///")).parent, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
-        MlflowClient(uri).search_experiments(max_results=1)
+        yield
     finally:
         os.close(descriptor)  # releases the lock
 
@@ -455,8 +458,9 @@ class Tracker:
                 raise TrackingUnreachable(_unreachable_message(self.uri, reason)) from None
 
     def _open(self) -> "Tracker":
-        self.client = MlflowClient(self.uri)
-        experiment_id = ensure_experiment(self.client, self.recipe.track.experiment, self.uri)
+        with sqlite_store_lock(self.uri):  # the first opening of a new store creates its schema
+            self.client = MlflowClient(self.uri)
+            experiment_id = ensure_experiment(self.client, self.recipe.track.experiment, self.uri)
         if self.resume_run_id and self._run_exists(self.resume_run_id):
             self.run_id = self.resume_run_id
             self.client.update_run(self.run_id, status="RUNNING")

@@ -398,25 +398,26 @@ def test_a_server_that_goes_away_mid_run_does_not_stop_training(tmp_path, server
 OPEN_TOGETHER = """
 import sys, time
 from harness import track
-from mlflow.tracking import MlflowClient
+from harness.recipe import load_recipe
 uri, start = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))  # every process opens the new store at the same moment
-track.check_reachable(uri)
-client = MlflowClient(uri)
-run = client.create_run(track.ensure_experiment(client, "together", uri))
-client.set_terminated(run.info.run_id)
+recipe = load_recipe(sys.argv[3])
+with track.Tracker(recipe) as tracker:
+    tracker.log_metrics({"x": 1.0}, step=1)
 """
 
 
 @pytest.mark.slow
 def test_processes_started_together_on_a_new_sqlite_store_all_open_it(tmp_path):
     """`harness launch ... &` once per seed on a new sqlite file: every process creates or checks the schema on
-    opening, and without the folder lock `check_reachable` takes, all but one failed with `sqlite3.OperationalError:
+    opening, and without the folder lock the `Tracker` takes, all but one failed with `sqlite3.OperationalError:
     duplicate column name: step` (2 of 3 processes, measured)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: together\ntrack: {{experiment: together, tracking_uri: '{uri}'}}\n")
     start = time.time() + 8  # after every interpreter has imported mlflow
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, uri, str(start)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, uri, str(start), str(recipe)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(o[-2000:] for o in outputs)
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("together").experiment_id])
