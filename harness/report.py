@@ -66,7 +66,7 @@ class ReferenceEntry(Section):
     metric: str = "test/acc1"
     value: float
     std: float | None = None
-    status: Literal["verified", "primary", "second-hand", "unverified"]  # see STATUSES
+    status: Literal[tuple(STATUSES)]  # see STATUSES
     source: str  # where the number was read: "Table 2", "authors' README", "CLIF (ICML 2024), Table 3"
     note: str | None = None  # what differs from the measured setting (frames, augmentation, ...)
 
@@ -137,6 +137,11 @@ def _aggregate(values: pd.Series, agg: str) -> dict[str, float]:
     return {"mean": getattr(values, agg)(), "std": math.nan, "n": n}
 
 
+def tuned_runs(frame: pd.DataFrame) -> pd.Series:
+    """Which runs are final runs of a tuned sweep (tag `tuning.config`)."""
+    return frame["tags.tuning.config"].notna() if "tags.tuning.config" in frame else pd.Series(False, frame.index)
+
+
 def per_column_values(frame: pd.DataFrame, col: str | None, metric: str) -> pd.DataFrame:
     """Long form (run index, column value, metric value): a run's `metric` at its own column value, or, for
     a run that logged `<metric>_<col><v>` (a run evaluated at several T, e.g. qcfs' `test/acc1_T4`), one
@@ -146,8 +151,7 @@ def per_column_values(frame: pd.DataFrame, col: str | None, metric: str) -> pd.D
     if not col:
         return own.dropna(subset=["value"])
     prefix = f"metrics.{metric}_{col}"
-    tuned = frame["tags.tuning.config"].notna() if "tags.tuning.config" in frame else pd.Series(False, frame.index)
-    free = frame[~tuned]  # a tuned run's configuration was chosen for its own column value only
+    free = frame[~tuned_runs(frame)]  # a tuned run's configuration was chosen for its own column value only
     expanded = [pd.DataFrame({"run": free.index, "column": c.removeprefix(prefix), "value": free[c],
                               "expanded": True})
                 for c in free if c.startswith(prefix) and c.removeprefix(prefix).isdigit()]
@@ -252,9 +256,9 @@ def tuning_table(frame: pd.DataFrame, rows: list[str], col: str | None) -> pd.Da
     """Per cell (row keys and column value) of a tuned sweep's final runs: the chosen configuration, its score
     on the validation split, the configurations and epochs the cell's tuning spent, and the seeds of its runs;
     None if no run was tuned."""
-    if "tags.tuning.config" not in frame:
+    tuned = frame[tuned_runs(frame)]
+    if tuned.empty:
         return None
-    tuned = frame[frame["tags.tuning.config"].notna()]
     keys = [*rows, col] if col else list(rows)
     lines = []
     for values, group in tuned.groupby([key_column(tuned, k) for k in keys], sort=False):

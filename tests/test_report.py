@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from harness.report import ReportError, comparison, load_references, plot
+from harness.report import ReportError, comparison, curves, load_references, plot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,4 +121,11 @@ def test_bad_inputs_are_one_line_errors(store, tmp_path):
 
 def test_plot_writes_a_png(store, tmp_path):
     out = plot("cmp", store, tmp_path / "plots" / "cmp.png")
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
+
+
+def test_curves_of_runs_that_logged_one_epoch_write_a_png(store, tmp_path):
+    """Every run in `store` logged its metrics once (step 0): the curves have one point each, and the y range
+    (from epochs after the first, none here) falls back to starting at 0."""
+    out = curves("cmp", store, tmp_path / "curves.png")
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000

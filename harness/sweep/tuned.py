@@ -163,10 +163,8 @@ def run_tuned_sweep(spec: SweepSpec, sweep_file: Path, overrides: tuple[str, ...
         restore = tune.Tuner.can_restore(str(final.experiment_dir))
         track.reopen_run(final.track["tracking_uri"], final.parent_run_id)
     summary = run_stage(final, restore, address, num_cpus, echo)
-    tuned_runs = track.find_runs(tuning.track["tracking_uri"], tuning.track["experiment"],
-                                 {"mlflow.parentRunId": tuning.parent_run_id})
     return {**summary, "experiment_dir": str(root), "selection": chosen,
-            "tuning": {"trials": len(tuning.trials), "runs": len(tuned_runs), "parent_run_id": tuning.parent_run_id}}
+            "tuning": {"trials": len(tuning.trials), "parent_run_id": tuning.parent_run_id}}
 
 
 def _root(storage: Path, name: str, resume: str) -> Path:
