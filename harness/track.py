@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
 import requests
@@ -186,6 +187,24 @@ def check_reachable(uri: str) -> None:
                                       f"server ({_first_line(error)}); fix track.tracking_uri (or "
                                       "MLFLOW_TRACKING_URI)") from None
         raise TrackingUnreachable(_unreachable_message(uri, reason)) from None
+
+
+def is_machine_local(uri: str) -> bool:
+    """True for a store that lives in files of this machine (sqlite, a local folder), which processes on
+    other machines cannot reach; a server (http, https, databricks, a database URL) is shared."""
+    scheme = urlparse(uri).scheme
+    return scheme in ("file", "sqlite") or (scheme == "" and not uri.startswith("databricks"))  # "" : a path
+
+
+def check_shared(uri: str, nodes: int, what: str) -> None:
+    """Raise `TrackingUnreachable` if `what` spans `nodes` > 1 machines but the store at `uri` is a file of
+    this one (`is_machine_local`): the other machines would each write a file of their own, and a resume or a
+    trial placed on another node would not find the run."""
+    if nodes > 1 and is_machine_local(uri):
+        raise TrackingUnreachable(f"tracking URI {uri} is a file on this machine, but {what} spans {nodes} nodes, "
+                                  "which cannot share it; run `mlflow server --backend-store-uri sqlite:///mlflow.db "
+                                  "--host 0.0.0.0 --port 5000` where every node reaches it and set "
+                                  "MLFLOW_TRACKING_URI=http://<that host>:5000 (or track.tracking_uri)")
 
 
 @contextmanager

@@ -212,6 +212,36 @@ def test_detect_process_reads_each_launcher():
         distributed.detect_process({"RANK": "4", "WORLD_SIZE": "4"})
 
 
+
+@pytest.mark.parametrize("environ, nodes", [
+    ({"RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 2),
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, 1),
+    ({"RANK": "3", "WORLD_SIZE": "4"}, 1),  # a launcher that does not say: one node
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "4"}, 4),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "6", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 3),
+    ({"PMI_RANK": "0", "PMI_SIZE": "4", "MPI_LOCALNRANKS": "4"}, 1),
+])
+def test_detect_process_counts_the_nodes_a_job_spans(environ, nodes):
+    assert distributed.detect_process(environ).nodes == nodes
+
+
+def test_a_job_on_several_nodes_refuses_a_tracking_store_that_is_a_file_of_this_machine(tmp_path):
+    """Other nodes cannot share a sqlite file (or a local folder); one node can, and a server always can."""
+    from harness.track import TrackingUnreachable, check_shared
+
+    for uri in (f"sqlite:///{tmp_path / 'db'}", str(tmp_path / "mlruns"), f"file://{tmp_path / 'mlruns'}"):
+        with pytest.raises(TrackingUnreachable, match=r"is a file on this machine, but a job spans 2 nodes.*"
+                                                      r"MLFLOW_TRACKING_URI=http"):
+            check_shared(uri, 2, "a job")
+        check_shared(uri, 1, "a job")
+    for uri in ("http://mlflow:5000", "https://mlflow.example.org", "databricks", "postgresql://db/mlflow"):
+        check_shared(uri, 8, "a job")
+    recipe = load_recipe(write_recipe(tmp_path, "nodes", {"name": "ann"}))
+    process = distributed.detect_process({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"})
+    with pytest.raises(TrackingUnreachable, match="this torchrun job spans 2 nodes"):
+        launch(recipe, process=process)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
 def test_deepspeed_batch_numbers_always_agree(tmp_path):
     path = write_recipe(tmp_path, "dsconf", {"name": "ann"}, data={"batch_size": 96},
                         engine={"kind": "deepspeed", "grad_accum": 3, "precision": "bf16",

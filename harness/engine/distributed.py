@@ -6,6 +6,9 @@
   Open MPI / MPICH, Intel MPI        OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK} / PMI_RANK, PMI_SIZE, MPI_LOCALRANKID
 Outside torchrun, MASTER_ADDR and MASTER_PORT must name the rendezvous (rank 0's host): the cluster
 templates export them. No variables: one process, rank 0 of 1, and no process group at all.
+`ProcessInfo.nodes`, the machines the job spans, is SLURM_STEP_NUM_NODES under srun, else
+ceil(world size / processes on this node) from LOCAL_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_SIZE or
+MPI_LOCALNRANKS; `launch` refuses a tracking store that is a file of one machine when it is above 1.
 
 `init_process_group(process, engine, device)`: NCCL on CUDA, gloo on the CPU (`engine.backend` overrides),
 with `engine.timeout_s` on every collective, so a process that hangs or is lost fails the others after at
@@ -48,6 +51,10 @@ _LAUNCHERS = (
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
 )
+# How many machines the job spans: a node count, or the processes on this node (world size / that = nodes).
+_NODE_COUNT = {"slurm": "SLURM_STEP_NUM_NODES"}
+_PROCESSES_PER_NODE = {"torchrun": "LOCAL_WORLD_SIZE", "openmpi": "OMPI_COMM_WORLD_LOCAL_SIZE",
+                       "mpich": "MPI_LOCALNRANKS"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class ProcessInfo:
     world_size: int = 1
     local_rank: int = 0
     launcher: str = "none"  # torchrun, slurm, openmpi, mpich or none
+    nodes: int = 1  # machines the job spans
 
     @property
     def is_main(self) -> bool:
@@ -81,8 +89,20 @@ def detect_process(environ: dict[str, str] | None = None) -> ProcessInfo:
                                   "expected integers") from None
             if not 0 <= rank < size:
                 raise RecipeError(f"environment: {rank_var}={rank} is not in 0..{size_var}-1={size - 1}")
-            return ProcessInfo(rank, size, local, launcher)
+            return ProcessInfo(rank, size, local, launcher, _node_count(env, launcher, size))
     return ProcessInfo()
+
+
+def _node_count(env, launcher: str, size: int) -> int:
+    """Machines the job spans, as the launcher tells it (1 where it does not)."""
+    try:
+        if launcher in _NODE_COUNT and env.get(_NODE_COUNT[launcher]):
+            return max(1, int(env[_NODE_COUNT[launcher]]))
+        if launcher in _PROCESSES_PER_NODE and env.get(_PROCESSES_PER_NODE[launcher]):
+            return max(1, -(-size // int(env[_PROCESSES_PER_NODE[launcher]])))
+    except ValueError:
+        pass  # an unreadable count: treated as one node (only the tracking-store check reads it)
+    return 1
 
 
 def process_seed(seed: int, epoch: int, rank: int) -> int:

@@ -7,7 +7,9 @@ this recipe name that holds a `last.pt`.
 
 Several processes (torchrun, SLURM, MPI: `distributed.detect_process`) join one process group, rank 0
 alone picks the run folder (and resolves `--resume`) and broadcasts it, every rank loads the checkpoint
-(so `output_dir` must be on a file system all nodes share), and rank 0 alone tracks. The job fails as a
+(so `output_dir` must be on a file system all nodes share), and rank 0 alone tracks, so a job on several
+nodes must name a tracking server: a sqlite or file URI is refused in one line before any process waits
+(`track.check_shared`). The job fails as a
 whole: an error on rank 0 before training is raised on every rank; a process that dies fails the
 others' next collective at once (a hung one after `engine.timeout_s`), and the launcher (torchrun) then
 ends the rest with SIGTERM. During training a first SIGTERM (or SIGUSR1) is a stop request
@@ -35,7 +37,7 @@ from harness.engine.loop import Trainer
 from harness.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, StopRequest
 from harness.errors import HarnessError
 from harness.recipe import Recipe, RecipeError, recipe_to_yaml
-from harness.track import Tracker, tracking_uri
+from harness.track import Tracker, check_shared, tracking_uri
 
 
 class JobTornDown(RuntimeError):
@@ -165,6 +167,7 @@ def launch(recipe: Recipe, resume: str | None = None, process: ProcessInfo | Non
     `on_epoch_end(epoch, metrics)` is handed to `Trainer.fit`; `parent_run_id` nests the MLflow run."""
     process = process or distributed.detect_process()
     check_job(recipe.engine, recipe.data.batch_size, process)  # before waiting for the other processes
+    check_shared(tracking_uri(recipe), process.nodes, f"this {process.launcher} job")
     with process_group(recipe, process):
         return _train(recipe, resume, process, echo, on_epoch_end, parent_run_id)
 
