@@ -15,8 +15,9 @@ parent and restores the Tune experiment from the state file, as it was started: 
 trials continue from their last checkpoints (their MLflow runs continue), finished ones are not run again.
 A trial whose worker process dies (killed, out of memory, node lost) is retried up to `retries` times, from
 its last checkpoint.
-Without `--address` Ray starts locally; `--address auto|ray://host:port` joins a running cluster (the
-tracking URI must then be reachable from every node: an MLflow server, or sqlite on a shared disk).
+Without `--address` Ray starts locally; `--address host:port|auto|ray://host:port` joins a running cluster,
+whose every node must reach the tracking URI: a sqlite file (or a local folder) is refused when the cluster
+has more than one node, before anything is written (`check_store`); use an MLflow server.
 Ray and MLflow are imported where they are used, so that expanding a sweep (`--dry-run`) stays light.
 """
 
@@ -89,10 +90,10 @@ def run_sweep(sweep_file: str | Path, overrides: tuple[str, ...] = (), only: tup
         from harness import track
 
         sweep = Sweep.load(_latest_experiment_dir(storage, spec.name) if resume == "latest" else Path(resume))
-        track.check_reachable(sweep.track["tracking_uri"])  # fails in seconds, before Ray starts
+        check_store(sweep.track["tracking_uri"], address)  # fails in seconds, before Ray starts
         track.reopen_run(sweep.track["tracking_uri"], sweep.parent_run_id)
     else:
-        sweep = start(spec, sweep_file, expand(spec, sweep_file, overrides, only), storage)
+        sweep = start(spec, sweep_file, expand(spec, sweep_file, overrides, only), storage, address=address)
     return run_stage(sweep, bool(resume), address, num_cpus, echo)
 
 
@@ -145,20 +146,41 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def check_store(uri: str, address: str | None) -> None:
+    """Fail in seconds, before a parent run or a trial exists, unless every trial can log to `uri`: it must be
+    reachable (`track.check_reachable`) and, on a Ray cluster of several nodes (`address`), not a file of
+    this machine (`track.check_shared`)."""
+    from harness import track
+
+    track.check_reachable(uri)
+    if not address or not track.is_machine_local(uri):
+        return
+    import ray
+
+    connected = connect_ray(address)
+    try:
+        nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    finally:
+        if connected:
+            ray.shutdown()  # disconnects this driver; the cluster stays up
+    track.check_shared(uri, nodes, f"the Ray cluster at {address}")
+
+
 def new_sweep_id(spec: SweepSpec) -> str:
     return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def start(spec: SweepSpec, sweep_file: Path, trials: list[Trial], storage: Path, sweep_id: str | None = None,
-           stage: str = "", scheduler: str | None = None) -> Sweep:
+          stage: str = "", scheduler: str | None = None, address: str | None = None) -> Sweep:
     """The parent MLflow run, each trial's worker config, and the state file of a new sweep (or of one stage of
     a tuned sweep: its folder `<storage>/<sweep id>/<stage>`, parent run `<sweep id>/<stage>`, tag
-    `sweep.stage` on it and its trials, and `sweep.cell` on trials that have one)."""
+    `sweep.stage` on it and its trials, and `sweep.cell` on trials that have one). `address`: the Ray cluster
+    the trials will run on (`check_store`)."""
     from harness import track
 
     sweep_id = sweep_id or new_sweep_id(spec)
     uri, experiment = trials[0].recipe.track.tracking_uri, trials[0].recipe.track.experiment
-    track.check_reachable(uri)  # fails in seconds, before the parent run and Ray start
+    check_store(uri, address)  # fails in seconds, before the parent run and Ray start
     staged = {"sweep.stage": stage} if stage else {}
     tags = {"sweep.id": sweep_id, "sweep.name": spec.name, "sweep.role": "parent", **staged,
             "sweep.trials": str(len(trials)), "sweep.scheduler": scheduler or spec.scheduler.kind}

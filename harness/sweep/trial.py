@@ -3,9 +3,10 @@
 `run_trial` runs in a Tune worker. It reports every epoch's metrics with the epoch's `last.pt` as Tune
 checkpoint (the last epoch once the run has ended, so that a scheduler stopping at `max_t` cannot cut it
 off). The run is nested under the sweep's parent run and tagged `sweep.id`, `sweep.name`, `sweep.variant`,
-`sweep.trial` (set by the driver), `sweep.trial_id` and `sweep.attempt` (the latest attempt that wrote it).
+`sweep.trial` (set by the driver), `sweep.trial_id`, `sweep.attempt` (the latest attempt that wrote it), and
+`sweep.node_id` and `sweep.host`, the Ray node and machine that attempt ran on.
 Each attempt writes `worker.json` to the trial's output folder: the attempt (counted in that folder, from 0),
-the host and pid of its worker process, what it resumed from, and `tune_checkpoint_epoch`, the newest epoch
+the host, Ray node id and pid of its worker process, what it resumed from, and `tune_checkpoint_epoch`, the newest epoch
 whose checkpoint Tune has taken (a retry resumes there); an operator finds the trial's process by it.
 A retried or resumed trial restarts from its last Tune checkpoint, which names its MLflow run, so the run
 continues (tag `resumed`); the epochs after that checkpoint are trained again, and an epoch the lost attempt
@@ -37,6 +38,7 @@ WORKER_FILE = "worker.json"
 
 def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None:
     """Tune's trainable: one `launch` of the trial's recipe, reporting every epoch with its checkpoint."""
+    import ray
     from ray import tune
 
     from harness import track
@@ -55,7 +57,9 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
         return
     output_dir = Path(recipe.track.output_dir)
     attempt = _next_attempt(output_dir)
-    recipe.track.tags = {**recipe.track.tags, "sweep.trial_id": trial_id, "sweep.attempt": str(attempt)}
+    node_id = ray.get_runtime_context().get_node_id()
+    recipe.track.tags = {**recipe.track.tags, "sweep.trial_id": trial_id, "sweep.attempt": str(attempt),
+                         "sweep.node_id": node_id, "sweep.host": socket.gethostname()}
     resume, resumed_run_id, last_epoch, worker = None, None, {}, {}
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
@@ -77,7 +81,8 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
                 state = checkpoint.load(Path(resume) / checkpoint.LAST)
                 resumed_run_id, resumed_epoch = state.get("mlflow_run_id"), state["epoch"]
                 _check_own_run(resumed_run_id, name, trial_id, uri, experiment, trial["parent_run_id"])
-            worker.update(trial=name, trial_id=trial_id, attempt=attempt, host=socket.gethostname(), pid=os.getpid(),
+            worker.update(trial=name, trial_id=trial_id, attempt=attempt, host=socket.gethostname(), node_id=node_id,
+                          pid=os.getpid(),
                           started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), resumed_from=resume,
                           resumed_at_epoch=resumed_epoch, resumed_run_id=resumed_run_id,
                           tune_checkpoint_epoch=resumed_epoch)

@@ -28,7 +28,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 
 from harness.recipe import Recipe
-from harness.sweep.driver import STATE_FILE, Sweep, new_sweep_id, run_stage, start, trial_statuses
+from harness.sweep.driver import STATE_FILE, Sweep, check_store, new_sweep_id, run_stage, start, trial_statuses
 from harness.sweep.plan import Trial, expand_tuning
 from harness.sweep.spec import SweepError, SweepSpec, TuningConfig
 
@@ -132,12 +132,12 @@ def run_tuned_sweep(spec: SweepSpec, sweep_file: Path, overrides: tuple[str, ...
             raise SweepError("--resume continues the sweep as it was started: -o and --only do not apply")
         root = _root(storage, spec.name, resume)
         tuning = Sweep.load(root / "tune")
-        track.check_reachable(tuning.track["tracking_uri"])
+        check_store(tuning.track["tracking_uri"], address)
     else:
         sweep_id = new_sweep_id(spec)
         root = storage / sweep_id
         tuning = start(spec, sweep_file, expand_tuning(spec, sweep_file, overrides, only), storage, sweep_id,
-                        "tune", scheduler="asha per cell")
+                       "tune", scheduler="asha per cell", address=address)
     final_dir = root / "final"
     if not (final_dir / STATE_FILE).is_file():
         statuses = trial_statuses(tuning)
@@ -154,7 +154,8 @@ def run_tuned_sweep(spec: SweepSpec, sweep_file: Path, overrides: tuple[str, ...
         for cell, choice in chosen.items():
             echo(f"chose {choice['trial']} for {cell}: {choice['metric']} {choice['score']:.2f} after "
                  f"{choice['epochs_reached']} epochs ({choice['trials']} configurations, {choice['epochs']} epochs)")
-        final = start(tuning.spec, sweep_file, final_trials(tuning, chosen), storage, tuning.sweep_id, "final")
+        final = start(tuning.spec, sweep_file, final_trials(tuning, chosen), storage, tuning.sweep_id, "final",
+                      address=address)
         track.log_text(final.track["tracking_uri"], final.parent_run_id, json.dumps(chosen, indent=1), SELECTION_FILE)
         restore = False
     else:
