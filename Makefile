@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (README.md): `make quickstart` and `make test`.
-# Both create .venv, install the system libraries FFCV needs (Debian/Ubuntu, as root or with sudo) and
-# the project with every extra, pinned by requirements.lock.  EXTRAS=dev skips ffcv/deepspeed/dvs/peer.
+# Both create .venv, install the Debian packages FFCV needs (as root or with sudo) and the project with every
+# extra, pinned by requirements.lock; `make test` also installs SLURM and munge for the cluster tests.
+# EXTRAS=dev skips ffcv/deepspeed/dvs/peer and the Debian packages (the SLURM tests then skip, saying why).
 PYTHON ?= python3
 VENV ?= .venv
 EXTRAS ?= dev,ffcv,deepspeed,dvs,peer
@@ -11,8 +12,11 @@ export DS_BUILD_OPS ?= 0
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
+# Debian packages (.ci/system-deps.sh): FFCV's libraries for every target, SLURM + munge for `make test`;
+# none with EXTRAS=dev.
+FULL := $(findstring ffcv,$(EXTRAS))
 system-deps:
-	@case ",$(EXTRAS)," in *,ffcv,*) bash .ci/system-deps.sh ;; esac
+	@test -z "$(FULL)" || bash .ci/system-deps.sh ffcv
 
 comma := ,
 INSTALLED = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -32,6 +36,7 @@ quickstart: install
 	$(VENV)/bin/harness launch recipes/quickstart.yaml
 
 test: install
+	@test -z "$(FULL)" || bash .ci/system-deps.sh cluster  # tests/test_clusters.py starts a SLURM cluster
 	$(VENV)/bin/python -m pytest
 
 test-fast: install  # the inner loop: everything but the tests that start processes, Ray, torchrun or train for real
