@@ -14,7 +14,7 @@ from harness.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-TEMPLATES = sorted(p for p in CLUSTER.rglob("*") if p.is_file())
+TEMPLATES = sorted(p for p in CLUSTER.rglob("*") if p.is_file() and p.suffix != ".gz")  # the gzipped CRD schema is data
 
 
 def test_every_kind_of_template_is_there():
@@ -35,7 +35,8 @@ def test_slurm_script_is_valid_bash_that_rendezvouses_on_the_first_node():
 
 def test_slurm_script_forwards_the_time_limit_warning_and_requeues():
     """The signal path docs/reliability.md describes: USR1 to the script, passed to the step, forwarded by torchrun
-    to every rank (which checkpoints and exits 75), then a requeue that resumes. (Run by a real SLURM: issue 15.)"""
+    to every rank (which checkpoints and exits 75), then a requeue that resumes. (A real SLURM runs it:
+    tests/test_clusters.py.)"""
     text = (CLUSTER / "slurm" / "ddp_multinode.sbatch").read_text()
     assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M) and "#SBATCH --requeue" in text
     assert "trap forward_stop USR1" in text and 'scancel --signal=USR1 "$SLURM_JOB_ID"' in text
