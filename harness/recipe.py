@@ -291,6 +291,11 @@ class EngineConfig(Section):
     neuron_kernel: Literal["auto", "plain", "fused"] = "auto"
     compile: bool = False  # torch.compile the training step (forward, loss, backward)
     channels_last: bool = False  # model and input batches in channels-last memory layout (faster convolutions on CUDA)
+    # CUDA only (no effect on the CPU): cuDNN's autotuner for the fixed shapes of a run, TF32 for fp32 matmuls and
+    # convolutions (10-bit mantissa products, fp32 sums), torch's fused (one kernel per step) SGD/Adam/AdamW
+    cudnn_benchmark: bool = True
+    tf32: bool = True
+    fused_optimizer: bool = True
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
 

@@ -3,8 +3,9 @@
 `last.pt` holds the engine's part (model, optimizer, scheduler and grad-scaler states; under DeepSpeed the
 tag of its partitioned part and the SHA-256 of each of that tag's files), the loop's counters (finished
 epoch, global step, steps done in the current epoch, best top-1, skipped-step counts), the current epoch's
-partial training totals when written mid-epoch, the RNG states (torch CPU, CUDA, Python `random`), the
-resolved recipe and the MLflow run id; `best.pt` the model, recipe, epoch and best top-1.
+partial training totals when written mid-epoch, the RNG states (torch CPU, Python `random`, and the CUDA
+generator of this process's GPU only: `rng_state`), the resolved recipe and the MLflow run id; `best.pt` the
+model, recipe, epoch and best top-1.
 `Checkpointer.save` asks the engine for its part on every rank (a collective under DeepSpeed), refuses to
 write weights that are not finite (the previous checkpoint stays the last good one), then rank 0 writes the
 files and only then lets the engine prune older parts.
@@ -157,19 +158,32 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- RNG
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The RNG states a resume restores: torch's CPU generator, Python's `random`, and, on a CUDA `device`, the
+    generator of that one device (this process's GPU), never one per visible GPU: a job resumed where each
+    process sees fewer GPUs (8 per torchrun node before, one per srun task after) must still find its own."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s states; the CUDA one into `device` (this process's GPU) when both exist. A
+    checkpoint written before this format holds one state per GPU that was visible (a list): the one of
+    `device`'s index is taken if it was saved, else the CUDA generator keeps its seed."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -207,8 +221,8 @@ class Checkpointer:
                 folder = self.run_dir / part["deepspeed"]["folder"]
                 part["deepspeed"]["files"] = {str(p.relative_to(folder)): file_digest(p)
                                               for p in sorted(folder.joinpath(tag).rglob("*")) if p.is_file()}
-            state = {**part, **counters, "rng": rng_state(), "recipe": recipe, "mlflow_run_id": mlflow_run_id,
-                     "partial_epoch": partial_epoch}
+            state = {**part, **counters, "rng": rng_state(engine.device), "recipe": recipe,
+                     "mlflow_run_id": mlflow_run_id, "partial_epoch": partial_epoch}
             save_atomic(state, self.run_dir / LAST)
             if is_best:
                 save_atomic({"model": part["model"], "recipe": recipe, "epoch": counters["epoch"],

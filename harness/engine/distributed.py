@@ -178,6 +178,10 @@ def broadcast_buffers(module: nn.Module, process: ProcessInfo) -> None:
 
 
 def apply_ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel:
-    """Wrap the plain training module in DDP (rank 0's parameters and buffers are broadcast first)."""
+    """Wrap the plain training module in DDP (rank 0's parameters and buffers are broadcast once, here).
+
+    No buffer broadcast before every forward (DDP's default): the only buffers that change in training are batch
+    norm's, identical on every rank under `engine.sync_bn` (`GlobalBatchNorm`) and broadcast from rank 0 after
+    each epoch without it (`Engine.end_epoch`), which is all evaluation reads."""
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=True)
+    return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)

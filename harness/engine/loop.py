@@ -40,7 +40,7 @@ from torch import nn
 from harness import data as datasets
 from harness import methods
 from harness.engine import checkpoint, distributed
-from harness.engine.build import build_optimizer, pick_device, seed_everything
+from harness.engine.build import build_optimizer, configure_cuda, pick_device, seed_everything
 from harness.engine.context import RunContext
 from harness.engine.engines import NonFiniteError, build_engine
 from harness.engine.evaluation import evaluate_outputs, topk_correct
@@ -82,18 +82,20 @@ class Trainer:
             torch.set_num_threads(recipe.engine.threads)
         seed_everything(recipe.seed)
         device = pick_device(recipe.engine, self.process)
+        configure_cuda(recipe.engine, device)
         kernels.select(recipe.engine.neuron_kernel)
-        kernels.check_selected(device.type)  # builds the CPU kernel now (once per machine), before any step
+        kernels.check_selected(device.type)  # builds the CPU kernel now (once per checkout), before any step
         self.engine = build_engine(recipe.engine, recipe.data.batch_size, recipe.optim.grad_clip, self.process, device,
                                    skip_nonfinite=recipe.optim.skip_nonfinite)
         try:
-            self.data = datasets.build_pipeline(recipe.data, recipe.seed, self.process.rank, self.process.world_size)
+            self.data = datasets.build_pipeline(recipe.data, recipe.seed, self.process.rank, self.process.world_size,
+                                                device)
         except datasets.DataError as e:  # name the recipe section too
             raise datasets.DataError(f"data: {e.message}", file=e.file) from None
         num_classes = recipe.model.num_classes or self.data.num_classes
         self.method = methods.build(recipe.model, recipe.method, methods.DataInfo(num_classes, self.data.input_shape))
         self.model = self.method.model = self.engine.place(self.method.model)
-        self.optimizer = build_optimizer(recipe.optim, self.model)
+        self.optimizer = build_optimizer(recipe.optim, self.model, self.engine.fuses_optimizer)
         self.iters_per_epoch = len(self.data.train)
         if self.iters_per_epoch == 0:
             raise RecipeError(f"data.batch_size: {recipe.data.batch_size} is larger than the training set "
@@ -132,7 +134,7 @@ class Trainer:
 
     def _restore_rng(self) -> None:
         if self.pending_rng is not None:
-            checkpoint.set_rng_state(self.pending_rng)
+            checkpoint.set_rng_state(self.pending_rng, self.engine.device)
             self.pending_rng = None
 
     def train_epoch(self, progress, stop: StopRequest | None = None) -> dict[str, float]:

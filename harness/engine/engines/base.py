@@ -52,6 +52,20 @@ from harness.snn import parameter_bounds
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+def to_layout(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """An input batch in `dtype` and the layout of `engine.channels_last` (one copy at most): images [B, C, H, W]
+    channels-last, frame sequences [B, T, C, H, W] channels-last per frame ([B, T, H, W, C] in memory; the time
+    encoders keep it); else as it is."""
+    if channels_last and x.dim() == 4:
+        return x.to(dtype, memory_format=torch.channels_last)
+    if channels_last and x.dim() == 5:
+        frames_last = x.permute(0, 1, 3, 4, 2)
+        if not (frames_last.is_contiguous() and x.dtype == dtype):
+            frames_last = torch.empty(frames_last.shape, dtype=dtype, device=x.device).copy_(frames_last)
+        return frames_last.permute(0, 1, 4, 2, 3)
+    return x.to(dtype)
+
+
 class NonFiniteError(HarnessError):
     """A step's loss or gradient (or a weight about to be saved) was NaN or infinite: one line, exit code 3."""
 
@@ -110,6 +124,11 @@ class Engine(ABC):
         self.host_flags: list[torch.Tensor] = []  # CUDA: two pinned buffers the flags are copied into, in turn
 
     # ------------------------------------------------------------------------------------ building
+    @property
+    def fuses_optimizer(self) -> bool:
+        """Whether the recipe's torch optimizer is built fused (`engine.fused_optimizer`, on CUDA)."""
+        return self.cfg.fused_optimizer and self.device.type == "cuda"
+
     def place(self, model: nn.Module) -> nn.Module:
         """The plain model made ready for this engine and moved to its device (before the optimizer is built):
         with `engine.sync_bn` in a multi-process job, batch norm over the global batch (`GlobalBatchNorm`); with
@@ -138,8 +157,7 @@ class Engine(ABC):
 
     def micro_batches(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         parts = self.cfg.grad_accum
-        layout = torch.channels_last if self.cfg.channels_last and x.dim() == 4 else torch.preserve_format
-        x = x.to(self.precision.input_dtype, memory_format=layout)
+        x = to_layout(x, self.precision.input_dtype, self.cfg.channels_last)
         return list(zip(x.chunk(parts), y.chunk(parts), strict=True))
 
     def gradient_norms(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:

@@ -7,6 +7,8 @@ take the global gradient norm (one fused pass); agree with the other processes o
 optimizer, step the schedule and apply the parameter bounds, or (a non-finite step under `optim.skip_nonfinite`)
 drop the gradients and only step the schedule. `DDPEngine` reuses the step and only wraps the module and keeps
 gradients local on all micro-batches but the last.
+The model and optimizer states are fp32 whatever `engine.precision`, so a run resumes in another precision: a
+checkpoint written in fp32 or bf16 has no loss scale, and one resumed in fp16 starts from GradScaler's initial scale.
 """
 
 from contextlib import nullcontext
@@ -25,7 +27,7 @@ class LocalEngine(Engine):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.scales_loss)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scales_loss)
         self.train_module: nn.Module | None = None
 
     def setup(self, step_module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -85,4 +87,6 @@ class LocalEngine(Engine):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])  # a disabled scaler ignores it (fp16 resumed in fp32/bf16)
+        # else: written in fp32/bf16 (a disabled scaler saves nothing), resumed in fp16: the scale starts afresh
