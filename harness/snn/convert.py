@@ -35,12 +35,14 @@ class ConversionIF(SpikingNeuron):
 
     Args:
         T: time steps merged into the batch, input `[T*B, ...]`.
-        vth: threshold (the QCFS layer's lambda), kept as a buffer.
+        vth: threshold (the QCFS layer's lambda), kept as an fp32 buffer; given as a tensor, on its device (the
+            converted network stays on the ANN's device, buffers included, with no host read of lambda).
     """
 
-    def __init__(self, T: int, vth: float):
+    def __init__(self, T: int, vth: float | Tensor):
         super().__init__(T)
-        self.register_buffer("vth", torch.tensor(float(vth)))
+        vth = vth.detach().to(torch.float32).clone() if isinstance(vth, Tensor) else torch.tensor(float(vth))
+        self.register_buffer("vth", vth.reshape(()))
 
     def forward(self, x: Tensor) -> Tensor:
         steps = unfold_time(x, self.T)
@@ -55,14 +57,14 @@ class ConversionIF(SpikingNeuron):
         return fold_time(out)
 
     def extra_repr(self) -> str:
-        return f"T={self.T}, vth={self.vth.item():.4g}"
+        return f"T={self.T}, vth={'?' if self.vth.is_meta else format(self.vth.item(), '.4g')}"
 
 
 def _conversion_neuron(T: int):
     def make(activation: nn.Module) -> nn.Module:
         if not isinstance(activation, QCFS):
             raise ValueError(f"convert_qcfs: every activation must be QCFS, found {type(activation).__name__}")
-        return ConversionIF(T, activation.lam.item())
+        return ConversionIF(T, activation.lam)
     return make
 
 

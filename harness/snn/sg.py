@@ -18,7 +18,7 @@ from torch import Tensor
 from harness.snn.coding import check_positive
 from harness.snn.neuron import SpikingNeuron, accumulation_dtype
 from harness.snn.surrogate import spike, surrogate_derivative
-from harness.snn.time import fold_time, unfold_time
+from harness.snn.time import unfold_time
 
 RESETS = ("hard", "soft")
 
@@ -62,7 +62,7 @@ class SGLIF(SpikingNeuron):
             r = s.detach() if self.detach_reset else s
             u = u * (1 - r) if self.reset == "hard" else u - self.vth * r
             out.append(s)
-        return fold_time(torch.stack(out)).to(x.dtype)
+        return torch.cat(out).to(x.dtype)  # time-major [T*B, ...], in the layout of the steps (channels-last kept)
 
     def extra_repr(self) -> str:
         return (f"T={self.T}, vth={self.vth}, leak={self.leak}, reset={self.reset}, "

@@ -29,6 +29,7 @@ job `reduce(reduce_sum)` sums them over the processes, after which every statist
 validation set, the same whatever the number of processes.
 """
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -57,7 +58,7 @@ def dense_macs(layer: nn.Module, output: torch.Tensor) -> int:
     """Multiply-accumulates of one dense call of `layer` that produced `output` (bias not counted)."""
     if isinstance(layer, nn.Linear):
         return output.numel() * layer.in_features
-    return output.numel() * (layer.in_channels // layer.groups) * int(torch.tensor(layer.kernel_size).prod())
+    return output.numel() * (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
 
 
 def fanout(layer: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -65,12 +66,14 @@ def fanout(layer: nn.Module, input_shape: tuple[int, ...], device: torch.device)
 
     Linear: `out_features` everywhere. Conv: with all weights 1 and no bias, d(sum of outputs)/dx_i is the
     number of (output channel, output position) pairs whose receptive field holds x_i, padding included.
+    Only the layer's declared shape is read, never `layer.weight` itself: under DeepSpeed ZeRO-3 a forward
+    hook runs after ZeRO has released the partitioned weight (an empty tensor by then).
     """
     if isinstance(layer, nn.Linear):
         return torch.full(input_shape, float(layer.out_features), dtype=torch.float64, device=device)
     with torch.enable_grad(), torch.autocast(device.type, enabled=False):
         probe = torch.zeros((1, *input_shape), device=device, requires_grad=True)
-        ones = torch.ones_like(layer.weight, dtype=torch.float32)
+        ones = torch.ones((layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size), device=device)
         layer._conv_forward(probe, ones, None).sum().backward()
     return probe.grad[0].to(torch.float64)
 

@@ -15,7 +15,9 @@ returning `(y, S/T)` (IF: xbar) or `(y, S/W)` (LIF: xhat, W = sum_t w_t given as
 Backward, with g_t the upstream gradient:
   IF:  G = sum_t g_t;              dx_t = (G/T) * 1[0 <= xbar <= V];             above = G * 1[xbar > V]
   LIF: G = T * sum_t w_t g_t / W;  dx_t = (G/(tau*T)) * 1[0 < xhat < V*tau/dt];   above = G * 1[xhat > V*tau/dt]
-returning `(dx, above)`; the caller sums `above` into the threshold gradient.
+returning `(dx, above)`; the caller sums `above` into the threshold gradient. G is accumulated in `acc` while
+g is read in its own dtype (no `acc` copy of the `[T*B, ...]` gradient under bf16/fp16), and dx_t is cast to the
+input dtype before it is expanded over the T steps.
 """
 
 import torch
@@ -63,17 +65,18 @@ def lif_forward(x: Tensor, v: Tensor, threshold: Tensor, amp: Tensor, w: Tensor,
 
 
 def if_backward(grad_out: Tensor, xbar: Tensor, v: Tensor, T: int) -> tuple[Tensor, Tensor]:
-    G = unfold_time(grad_out, T).to(xbar.dtype).sum(dim=0)
-    grad_step = (G / T) * ((xbar >= 0) & (xbar <= v))
-    grad_x = fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)).to(grad_out.dtype)
-    return grad_x, G * (xbar > v)
+    G = unfold_time(grad_out, T).sum(dim=0, dtype=xbar.dtype)  # accumulated in acc: no acc copy of grad_out
+    grad_step = ((G / T) * ((xbar >= 0) & (xbar <= v))).to(grad_out.dtype)
+    return fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)), G * (xbar > v)
 
 
 def lif_backward(grad_out: Tensor, xhat: Tensor, upper: Tensor, w: Tensor, T: int, tau: float,
                  w_sum: float) -> tuple[Tensor, Tensor]:
     """`upper` = V*tau/dt (0-dim, `acc`); `w_sum` = W."""
-    steps = unfold_time(grad_out, T).to(xhat.dtype)
-    G = T * torch.tensordot(w, steps, dims=([0], [0])) / w_sum
-    grad_step = (G / (tau * T)) * ((xhat > 0) & (xhat < upper))
-    grad_x = fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)).to(grad_out.dtype)
-    return grad_x, G * (xhat > upper)
+    steps = unfold_time(grad_out, T)
+    G = torch.zeros_like(xhat)
+    for t in range(T):  # sum_t w_t g_t, each step read in its dtype and accumulated in acc
+        G.addcmul_(steps[t], w[t])
+    G = T * G / w_sum
+    grad_step = ((G / (tau * T)) * ((xhat > 0) & (xhat < upper))).to(grad_out.dtype)
+    return fold_time(grad_step.unsqueeze(0).expand(T, *grad_step.shape)), G * (xhat > upper)
