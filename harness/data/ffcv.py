@@ -12,9 +12,14 @@ seconds). Pipelines reproduce the torch readers' transforms (DSR.md section 5):
 - ImageNet train: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3) and flip; val: the centred square of
   side 224/256 of the shorter side, resized to 224 (= Resize(256) then CenterCrop(224));
 - DVS train: one random crop with padding 4 per sample, shared by its T frames (`RandomFrameCrop`).
-Images are then normalised in the FFCV threads (`NormaliseToCHW`) to exactly the torch readers' values,
-`x = (p/255 - mean)/std` with the constants of cifar.py and imagenet.py (float32 `[B, C, H, W]`); labels are
-int64 `[B]`; all on the CPU.
+Images are then normalised to exactly the torch readers' values, `x = (p/255 - mean)/std` with the
+constants of cifar.py and imagenet.py (float32 `[B, C, H, W]`); labels are int64 `[B]`. Where:
+- on the CPU (`device` None or cpu): in the FFCV threads (`NormaliseToCHW`, a table of the 256 values);
+- for a CUDA `device`: the uint8 `[B, H, W, C]` batch goes to the GPU as it is (a quarter of float32's
+  bytes; FFCV's `ToDevice`, non-blocking from FFCV's pinned buffers, so the copy overlaps the step) and is
+  normalised there by the same torchvision calls (`normalise_on_device`), into channels-last layout;
+  DVS frames and labels are moved the same way. The values are the same bit for bit (`normalise_on_device`
+  on the CPU equals the table, tests/test_ffcv.py).
 
 Order: epoch e's training order is the permutation of all samples drawn from `epoch_seed(seed, e)`,
 identical on every rank; under `world_size > 1` the tail that does not divide evenly is dropped and rank
@@ -46,7 +51,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
-from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToTensor
+from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 from ffcv.writer import DatasetWriter
@@ -300,11 +305,23 @@ class NormaliseToCHW(Operation):
                 AllocationQuery((c, h, w), float32))
 
 
-def field_pipeline(spec: BetonSpec, train: bool, augment: bool) -> list[Operation]:
-    """FFCV operations from stored bytes to normalised float32 `[C, H, W]` images or `[T, 2, H, W]` frames."""
+def normalise_on_device(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 `[B, H, W, C]` -> float32 `[B, C, H, W]` (channels-last in memory) on the images' device, by the
+    torchvision calls `NormaliseToCHW`'s table holds: the same values bit for bit."""
+    chw = images.permute(0, 3, 1, 2)
+    return v2.functional.normalize(v2.functional.to_dtype(chw, torch.float32, scale=True), list(mean), list(std))
+
+
+def field_pipeline(spec: BetonSpec, train: bool, augment: bool, device: torch.device | None = None,
+                   normalise: bool = True) -> list[Operation]:
+    """FFCV operations from stored bytes to normalised float32 `[C, H, W]` images or `[T, 2, H, W]` frames, moved
+    to `device` if it is a CUDA device. Images stay uint8 `[H, W, C]` (normalised after batching,
+    `normalise_on_device`) where `normalise` is False, which a CUDA `device` implies."""
     augmented = train and augment
+    to_device = [ToDevice(device, non_blocking=True)] if device is not None and device.type == "cuda" else []
     if spec.field == "frames":
-        return [NDArrayDecoder(), *([RandomFrameCrop(dvs.CROP_PADDING)] if augmented else []), ToTensor()]
+        return [NDArrayDecoder(), *([RandomFrameCrop(dvs.CROP_PADDING)] if augmented else []), ToTensor(),
+                *to_device]
     if spec.dataset == "imagenet" and augmented:
         steps = [RandomResizedCropRGBImageDecoder((IMAGENET_SIZE, IMAGENET_SIZE)), RandomHorizontalFlip()]
     elif spec.dataset == "imagenet":
@@ -313,7 +330,8 @@ def field_pipeline(spec: BetonSpec, train: bool, augment: bool) -> list[Operatio
         steps = [SimpleRGBImageDecoder(), RandomTranslate(padding=4), RandomHorizontalFlip()]
     else:
         steps = [SimpleRGBImageDecoder()]
-    return [*steps, NormaliseToCHW(spec.mean, spec.std), ToTensor()]
+    in_threads = [NormaliseToCHW(spec.mean, spec.std)] if normalise and not to_device else []
+    return [*steps, *in_threads, ToTensor(), *to_device]
 
 
 class FfcvLoader:
@@ -330,18 +348,27 @@ class FfcvLoader:
         train: training split (shuffled, tail dropped, last incomplete batch dropped) or validation.
         augment: apply the training augmentations (training split only).
         frames: T of DVS samples (checked against the file).
+        device: where the batches go (module docstring): a CUDA device moves uint8 images there and normalises
+            them there; None or the CPU normalises in FFCV's threads.
+        normalise_after_batching: normalise images with `normalise_on_device` after FFCV (wherever the batch
+            is), not in its threads; implied by a CUDA `device` (on the CPU: to test that path).
     """
 
     def __init__(self, path: str | Path, dataset: str, batch_size: int, workers: int, seed: int, rank: int = 0,
-                 world_size: int = 1, train: bool = True, augment: bool = True, frames: int | None = None):
+                 world_size: int = 1, train: bool = True, augment: bool = True, frames: int | None = None,
+                 device: torch.device | None = None, normalise_after_batching: bool = False):
         self.spec = spec_for(dataset)
         self.path = Path(path)
         self.reader = open_beton(self.path, self.spec, frames)
         self.num_samples = int(self.reader.num_samples)
+        on_gpu = device is not None and device.type == "cuda"
+        self.normalise_after = self.spec.field == "image" and (on_gpu or normalise_after_batching)
+        label = [IntDecoder(), ToTensor(), *([ToDevice(device, non_blocking=True)] if on_gpu else [])]
         self.loader = Loader(str(self.path), batch_size=batch_size, num_workers=max(1, workers),
                              order=OrderOption.SEQUENTIAL, drop_last=train,
-                             pipelines={self.spec.field: field_pipeline(self.spec, train, augment),
-                                        "label": [IntDecoder(), ToTensor()]})
+                             pipelines={self.spec.field: field_pipeline(self.spec, train, augment, device,
+                                                                        normalise=not self.normalise_after),
+                                        "label": label})
         # Loader(order=<TraversalOrder>) is broken in ffcv 1.0.2 (it tests isinstance on a class): set it here.
         self.loader.traversal_order = ShardOrder(self.loader, shuffle=train, seed=seed, rank=rank,
                                                  world_size=world_size, drop_tail=train)
@@ -355,5 +382,6 @@ class FfcvLoader:
         self.loader.next_epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:  # FFCV reuses its batch buffers: hand out copies
-            yield x.clone(), y.reshape(-1).to(torch.int64, copy=True)
+        for x, y in self.loader:  # FFCV reuses its batch buffers: hand out copies (normalising makes one)
+            x = normalise_on_device(x, self.spec.mean, self.spec.std) if self.normalise_after else x.clone()
+            yield x, y.reshape(-1).to(torch.int64, copy=True)

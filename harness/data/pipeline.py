@@ -1,13 +1,14 @@
 """From a recipe's `data` section to the two loaders a run iterates (DESIGN.md: FFCV where installed,
 a torch DataLoader otherwise).
 
-`build_pipeline(cfg, seed, rank, world_size)` -> `Pipeline`; the global `cfg.batch_size` is split
+`build_pipeline(cfg, seed, rank, world_size, device)` -> `Pipeline`; the global `cfg.batch_size` is split
 exactly over the `world_size` processes (`per_process_batch` refuses a batch that does not divide, so a
 recipe trains the same global batch on any number of processes); evaluation batches are split rounding
 up (they only partition the validation set). `set_epoch(loader, e)` must be called before each pass.
 `cfg.loader`: `torch` reads the data set under `cfg.root`; `ffcv` reads the `.beton` files `cfg.train`
-and `cfg.val` (harness/data/ffcv.py); `auto` takes ffcv when it imports and both files are given, else
-torch. `Pipeline.note` says which loader it took and why; `harness launch` prints it once.
+and `cfg.val` (harness/data/ffcv.py); `auto` takes ffcv when it imports and both files are given and
+written, else torch (so a recipe may name the .beton files it prefers before they exist). `Pipeline.note`
+says which loader it took and why; `harness launch` prints it once.
 `cfg.holdout` (tuning): a fraction h of the training split, drawn by a permutation seeded with
 `cfg.holdout_seed` (first round(h*N) indices of it, not augmented), replaces the validation split; the rest
 trains. Torch loader only (a .beton is read whole).
@@ -16,6 +17,7 @@ trains. Torch loader only (a .beton is read whole).
 import dataclasses
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,6 +85,11 @@ def choose_loader(cfg) -> tuple[str, str]:
     missing = ffcv_import_error()
     if missing:
         return "torch", f"data.loader auto: ffcv does not import ({missing})"
+    absent = [f"{name} {path}" for name, path in (("data.train", cfg.train), ("data.val", cfg.val))
+              if not Path(path).is_file()]
+    if absent:
+        return "torch", (f"data.loader auto: {' and '.join(absent)} not written yet; write them once with "
+                         f"harness data write-ffcv (the torch loader decodes every sample again each epoch)")
     return "ffcv", "data.loader auto: ffcv imports and .beton files are given"
 
 
@@ -111,7 +118,7 @@ def holdout_splits(splits: DataSplits, unaugmented_train, fraction: float, seed:
     return dataclasses.replace(splits, train=Subset(splits.train, train), val=Subset(unaugmented_train, val))
 
 
-def build_ffcv_pipeline(cfg, seed: int, rank: int, world_size: int) -> Pipeline:
+def build_ffcv_pipeline(cfg, seed: int, rank: int, world_size: int, device: torch.device | None = None) -> Pipeline:
     from harness.data.ffcv import FfcvLoader, beton_labels, spec_for
 
     spec = spec_for(cfg.dataset, "data.dataset")
@@ -120,7 +127,7 @@ def build_ffcv_pipeline(cfg, seed: int, rank: int, world_size: int) -> Pipeline:
         raise DataError(f"{cfg.dataset} (file {cfg.train}): needs data.frames, the number of frames T per sample "
                         f"(equal to method.T)")
     common = dict(dataset=cfg.dataset, workers=cfg.workers, seed=seed, rank=rank, world_size=world_size,
-                  frames=frames)
+                  frames=frames, device=device)
     train = FfcvLoader(cfg.train, batch_size=per_process_batch(cfg.batch_size, world_size), train=True,
                        augment=cfg.augment, **common)
     val = FfcvLoader(cfg.val, batch_size=per_process_eval_batch(cfg.eval_batch_size or cfg.batch_size, world_size),
@@ -131,11 +138,13 @@ def build_ffcv_pipeline(cfg, seed: int, rank: int, world_size: int) -> Pipeline:
     return Pipeline(train, val, num_classes, input_shape, train.num_samples, "ffcv")
 
 
-def build_pipeline(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Pipeline:
-    """Loaders for the recipe section `cfg` (a `harness.recipe.DataConfig`)."""
+def build_pipeline(cfg, seed: int, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> Pipeline:
+    """Loaders for the recipe section `cfg` (a `harness.recipe.DataConfig`); `device`, the run's: FFCV hands a
+    CUDA device its batches there (uint8 images normalised on it), the torch loaders pin theirs for a
+    non-blocking copy."""
     kind, reason = choose_loader(cfg)
     if kind == "ffcv":
-        pipeline = build_ffcv_pipeline(cfg, seed, rank, world_size)
+        pipeline = build_ffcv_pipeline(cfg, seed, rank, world_size, device)
     else:
         splits = build_datasets(cfg.dataset, cfg.root, augment=cfg.augment, **dataset_options(cfg))
         if cfg.holdout is not None:
@@ -146,5 +155,7 @@ def build_pipeline(cfg, seed: int, rank: int = 0, world_size: int = 1) -> Pipeli
                                    per_process_eval_batch(cfg.eval_batch_size or cfg.batch_size, world_size),
                                    cfg.workers, seed, rank=rank, world_size=world_size)
         pipeline = Pipeline(train, val, splits.num_classes, tuple(splits.input_shape), len(splits.train), "torch")
-    pipeline.note = f"{cfg.dataset} through the {kind} loader ({reason})"
+    on_gpu = kind == "ffcv" and device is not None and device.type == "cuda"
+    pipeline.note = f"{cfg.dataset} through the {kind} loader ({reason})" + (
+        f"; batches decoded on the CPU, moved to {device} as they are and normalised there" if on_gpu else "")
     return pipeline
