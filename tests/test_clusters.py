@@ -55,8 +55,10 @@ def ray_cluster(tmp_path_factory) -> clusters.RayCluster:
 
 
 def run_env(**extra: str) -> dict[str, str]:
+    """The jobs' environment: on the CPU even where a GPU is visible (two processes, at most one GPU)."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
+               CUDA_VISIBLE_DEVICES="",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
     return env
 

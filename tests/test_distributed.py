@@ -59,7 +59,8 @@ def write_recipe(tmp_path: Path, name: str, method: dict, **sections) -> Path:
 
 
 def run_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    """Several processes on the CPU, even where a GPU is visible (`pick_device` refuses two ranks on one GPU)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def run_worker(mode: str, out: Path, paths: list[Path], timeout: int = 240) -> subprocess.CompletedProcess:

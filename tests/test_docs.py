@@ -33,7 +33,7 @@ def _flat_args(annotation) -> list:
 
 
 def test_readme_documents_every_recipe_field():
-    documented = set(re.findall(r"`([a-z_]+(?:\.[a-zA-Z_]+)*)`", README))
+    documented = set(re.findall(r"`([a-z_]+(?:\.[a-zA-Z_0-9]+)*)`", README))
     missing = sorted(f for f in schema_fields(Recipe) if f not in documented)
     assert not missing, f"fields missing from README's recipe reference: {missing}"
 

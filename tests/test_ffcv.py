@@ -67,6 +67,12 @@ def test_cifar_ffcv_yields_the_torch_readers_samples(tmp_path, dataset):
         assert x.dtype == torch.float32 and x.shape == (len(data), 3, 32, 32)
         assert y.dtype == torch.int64 and y.shape == (len(data),)
         assert torch.equal(x, ref_x) and torch.equal(y, ref_y)  # raw storage, same normalisation: bit for bit
+        # the GPU path: uint8 batches normalised after FFCV (on the CUDA device; here on the CPU), channels-last
+        batches = list(FfcvLoader(out, dataset, batch_size=3, workers=1, seed=0, train=False,
+                                  normalise_after_batching=True))
+        assert all(b.is_contiguous(memory_format=torch.channels_last) for b, _ in batches)
+        x_after, y_after = torch.cat([b for b, _ in batches]), torch.cat([label for _, label in batches])
+        assert torch.equal(x_after, ref_x) and torch.equal(y_after, ref_y)
 
 
 def test_imagenet_ffcv_matches_torch_exactly_raw_and_closely_as_jpeg(tmp_path):
