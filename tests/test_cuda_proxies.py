@@ -450,6 +450,16 @@ def test_the_optimizer_is_fused_only_on_cuda_parameters():
         assert not optimizer.defaults.get("fused")  # CPU parameters: torch's for-each implementation
 
 
+def test_the_engines_fuse_the_optimizer_on_cuda_except_deepspeed():
+    from harness.engine.engines import DeepSpeedEngine
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")  # engines are built without touching the device
+    assert LocalEngine(EngineConfig(), None, ProcessInfo(), cuda).fuses_optimizer
+    assert not LocalEngine(EngineConfig(), None, ProcessInfo(), cpu).fuses_optimizer
+    assert not LocalEngine(EngineConfig(fused_optimizer=False), None, ProcessInfo(), cuda).fuses_optimizer
+    assert not DeepSpeedEngine(EngineConfig(kind="deepspeed"), None, ProcessInfo(), cuda, 8).fuses_optimizer
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
 def test_on_cuda_the_optimizer_is_fused_and_qcfs_converts_exactly_under_bf16(tmp_path):
     from harness.engine.build import build_optimizer

@@ -156,6 +156,12 @@ class DeepSpeedEngine(Engine):
         self.config = deepspeed_config(cfg, batch_size, grad_clip, process.world_size)
         self.ds = None  # the DeepSpeed engine
 
+    @property
+    def fuses_optimizer(self) -> bool:
+        """Never: DeepSpeed steps the optimizer over its own (ZeRO) partitions, and under offload replaces Adam by
+        its CPU Adam (`cpu_adam_for`); torch's fused kernels are for the single and DDP engines."""
+        return False
+
     def place(self, model: nn.Module) -> nn.Module:
         stage = self.cfg.deepspeed.stage
         if parameter_bounds(model) and self.cfg.precision == "fp16" and stage == 0:
