@@ -28,15 +28,12 @@ from pathlib import Path
 
 import psutil
 
+from harness import track
+from harness.engine.distributed import free_port
+
 MARKER = "HARNESS_TEST_CLUSTER"
 GRACE_S = 15
 BIN = Path(sys.executable).parent  # the venv's mlflow, ray, harness
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def marked_env(folder: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -102,23 +99,54 @@ def _missing(*programs: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- MLflow
 
 
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1:`port`, its runs in `<folder>/mlflow.db` and its artifacts (proxied: clients
+    upload through the server) in `<folder>/artifacts`, in a process group of its own (it starts workers) that
+    `kill` ends at once (SIGKILL: a server that goes away); `start` again brings it back on the same port."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.proc = folder, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout_s: float = 240) -> None:
+        command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+                   "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+                   "--port", str(self.port), "--workers", "1"]
+        log = self.folder / "mlflow-server.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(command, env=marked_env(self.folder), stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({self.proc.returncode})\n{log.read_text()[-3000:]}")
+            try:
+                track.check_reachable(self.uri)
+                return True
+            except track.TrackingUnreachable:
+                return False
+
+        wait_until(up, timeout_s, "mlflow server", log)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
 @contextmanager
 def mlflow_server(folder: Path) -> Iterator[str]:
-    """`mlflow server` on a loopback port, its runs in `<folder>/mlflow.db` and its artifacts (proxied: clients
-    upload through the server) in `<folder>/artifacts`; yields its http:// URI."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port, log = free_port(), folder / "mlflow-server.log"
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
-    with open(log, "w") as out:
-        subprocess.Popen(command, env=marked_env(folder), stdout=out, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+    """A running `MlflowServer` in `folder` on a free port; yields its http:// URI."""
+    server = MlflowServer(folder, free_port())
     try:
-        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", log)
-        yield f"http://127.0.0.1:{port}"
+        server.start()
+        yield server.uri
     finally:
-        end_processes(folder)
+        server.kill()
+        end_processes(folder)  # anything of it that left its process group
 
 
 # ----------------------------------------------------------------------------------------------------- SLURM
@@ -192,29 +220,32 @@ class SlurmCluster:
         line = self.run("scontrol", "show", "job", "-o", job_id).strip()
         return dict(item.split("=", 1) for item in line.split() if "=" in item)
 
-    def wait_for_requeue(self, job_id: str, restarts: int, timeout_s: float, log: Path | None = None) -> None:
-        """Wait until the job has been requeued `restarts` times, then let it start at once: SLURM holds a
-        requeued job pending (Reason=BeginTime; 121 s seen with 22.05) before it may start again, which a cluster
-        with a queue does not notice and a test should not wait for."""
+    def wait_for_job(self, job_id: str, condition: Callable[[dict[str, str]], bool], timeout_s: float, what: str,
+                     log: Path | None = None) -> dict[str, str]:
+        """Poll `job` until `condition` holds for it; that state of the job."""
         job = {}
 
-        def requeued() -> bool:  # and back in the queue (a requeue passes through COMPLETING and REQUEUED)
+        def holds() -> bool:
             job.update(self.job(job_id))
-            return job["Restarts"] == str(restarts) and job["JobState"] not in ("COMPLETING", "REQUEUED")
+            return condition(job)
 
-        wait_until(requeued, timeout_s, f"SLURM job {job_id}'s requeue {restarts}", log)
+        wait_until(holds, timeout_s, f"SLURM job {job_id}: {what}", log)
+        return job
+
+    def wait_for_requeue(self, job_id: str, restarts: int, timeout_s: float, log: Path | None = None) -> None:
+        """Wait until the job has been requeued `restarts` times and is back in the queue (a requeue passes through
+        COMPLETING and REQUEUED), then let it start at once: SLURM holds a requeued job pending (Reason=BeginTime;
+        121 s seen with 22.05) before it may start again, which a cluster with a queue does not notice and a test
+        should not wait for."""
+        job = self.wait_for_job(job_id, lambda j: j["Restarts"] == str(restarts)
+                                and j["JobState"] not in ("COMPLETING", "REQUEUED"), timeout_s, f"requeue {restarts}",
+                                log)
         if job["JobState"] == "PENDING" and job.get("Reason") == "BeginTime":
             self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     def wait_for_state(self, job_id: str, states: set[str], timeout_s: float, log: Path | None = None) -> str:
-        state = {}
-
-        def reached() -> bool:
-            state["now"] = self.job(job_id)["JobState"]
-            return state["now"] in states
-
-        wait_until(reached, timeout_s, f"SLURM job {job_id} to reach {sorted(states)}", log)
-        return state["now"]
+        return self.wait_for_job(job_id, lambda j: j["JobState"] in states, timeout_s, f"to reach {sorted(states)}",
+                                 log)["JobState"]
 
 
 @contextmanager

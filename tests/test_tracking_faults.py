@@ -18,10 +18,12 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
+from clusters import MlflowServer
 from mlflow.tracking import MlflowClient
 
 from harness import track
 from harness.cli import main
+from harness.engine.distributed import free_port
 from harness.recipe import load_recipe
 from harness.track import REQUEST_TIMEOUT_S, UNSENT_FILE, Tracker, TrackingUnreachable
 
@@ -40,12 +42,6 @@ def make_recipe(tmp_path: Path, uri: str, epochs: int = 2) -> Path:
     path = tmp_path / "outage.yaml"
     path.write_text(RECIPE.format(epochs=epochs, uri=uri, tmp=tmp_path))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ---------------------------------------------------------------- fail fast at the start
@@ -252,41 +248,6 @@ def test_a_signal_during_a_failed_write_is_still_delivered_after_it(tmp_path, mo
 
 # ---------------------------------------------------------------- real server, real launch
 
-class Server:
-    """`mlflow server` on 127.0.0.1:`port` with a sqlite store in `folder`, in a process group of its own
-    (it starts workers), ended by that group's id."""
-
-    def __init__(self, folder: Path, port: int):
-        self.folder, self.port, self.proc = folder, port, None
-        self.uri = f"http://127.0.0.1:{port}"
-        folder.mkdir(exist_ok=True)
-
-    def start(self, timeout_s: float = 240) -> None:
-        mlflow_bin = Path(sys.executable).parent / "mlflow"
-        with open(self.folder / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
-                 "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-3000:]
-            try:
-                track.check_reachable(self.uri)
-                return
-            except TrackingUnreachable:
-                assert time.monotonic() < deadline, f"mlflow server not up within {timeout_s} s"
-                time.sleep(0.5)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(timeout=30)
-            self.proc = None
-
-
 class Launch:
     """`harness launch RECIPE` in a process of its own; its output lines are collected as they come."""
 
@@ -346,7 +307,7 @@ def test_a_server_that_goes_away_mid_run_does_not_stop_training(tmp_path, server
     """Epoch 1 reaches the server; it is killed (its whole process group); epochs 2 and 3 are logged while
     it is away. The trainer is paused (SIGSTOP) at the points where the test acts, so nothing races."""
     epochs = 4
-    server = Server(tmp_path / "server", free_port())
+    server = MlflowServer(tmp_path / "server", free_port())
     launch = None
     try:
         server.start()

@@ -121,7 +121,7 @@ def init_process_group(process: ProcessInfo, engine: EngineConfig, device: torch
     its own on a free local port)."""
     if dist.is_initialized():
         return
-    init_method = "env://" if process.distributed else f"tcp://127.0.0.1:{_free_port()}"
+    init_method = "env://" if process.distributed else f"tcp://127.0.0.1:{free_port()}"
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ and process.distributed]
     if missing:
         raise RecipeError(f"engine.kind: {engine.kind} with {process.world_size} processes "
@@ -136,7 +136,8 @@ def init_process_group(process: ProcessInfo, engine: EngineConfig, device: torch
                             timeout=datetime.timedelta(seconds=engine.timeout_s))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the kernel picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
