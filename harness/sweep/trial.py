@@ -82,8 +82,7 @@ def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]]) -> None
                 resumed_run_id, resumed_epoch = state.get("mlflow_run_id"), state["epoch"]
                 _check_own_run(resumed_run_id, name, trial_id, uri, experiment, trial["parent_run_id"])
             worker.update(trial=name, trial_id=trial_id, attempt=attempt, host=socket.gethostname(), node_id=node_id,
-                          pid=os.getpid(),
-                          started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), resumed_from=resume,
+                          pid=os.getpid(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), resumed_from=resume,
                           resumed_at_epoch=resumed_epoch, resumed_run_id=resumed_run_id,
                           tune_checkpoint_epoch=resumed_epoch)
             _write_worker(output_dir, worker)
