@@ -44,16 +44,26 @@ def marked_env(folder: Path, base: dict[str, str] | None = None) -> dict[str, st
     return env
 
 
-def marked_processes(folder: Path) -> list[psutil.Process]:
-    """The live processes whose environment carries the marker of the cluster in `folder`."""
+def processes_with(variable: str, value: str) -> list[psutil.Process]:
+    """The live processes (other than this one) whose environment has `variable=value`."""
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.pid != os.getpid() and proc.environ().get(MARKER) == str(folder):
+            if proc.pid != os.getpid() and proc.environ().get(variable) == value:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def marked_processes(folder: Path) -> list[psutil.Process]:
+    """The live processes whose environment carries the marker of the cluster in `folder`."""
+    return processes_with(MARKER, str(folder))
+
+
+def job_processes(job_id: str) -> list[psutil.Process]:
+    """The live processes of SLURM job `job_id` (its batch script and steps: SLURM_JOB_ID in their environment)."""
+    return processes_with("SLURM_JOB_ID", job_id)
 
 
 def end_processes(folder: Path) -> list[int]:
@@ -234,14 +244,17 @@ class SlurmCluster:
 
     def wait_for_requeue(self, job_id: str, restarts: int, timeout_s: float, log: Path | None = None) -> None:
         """Wait until the job has been requeued `restarts` times and is back in the queue (a requeue passes through
-        COMPLETING and REQUEUED), then let it start at once: SLURM holds a requeued job pending (Reason=BeginTime;
-        121 s seen with 22.05) before it may start again, which a cluster with a queue does not notice and a test
-        should not wait for."""
+        COMPLETING and REQUEUED) and its previous run's processes have ended, then let it start in 3 s: SLURM
+        holds a requeued job pending (Reason=BeginTime; 121 s seen with 22.05), which a cluster with a queue does
+        not notice and a test should not wait for. Not at once: a requeue revokes the job's credential, and a
+        restart within the same second carries a credential slurmd takes for the revoked one ("Killing
+        non-startable batch job: Job credential revoked", seen when the batch script requeued itself)."""
         job = self.wait_for_job(job_id, lambda j: j["Restarts"] == str(restarts)
                                 and j["JobState"] not in ("COMPLETING", "REQUEUED"), timeout_s, f"requeue {restarts}",
                                 log)
+        wait_until(lambda: not job_processes(job_id), timeout_s, f"the processes of SLURM job {job_id} to end", log)
         if job["JobState"] == "PENDING" and job.get("Reason") == "BeginTime":
-            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3")
 
     def wait_for_state(self, job_id: str, states: set[str], timeout_s: float, log: Path | None = None) -> str:
         return self.wait_for_job(job_id, lambda j: j["JobState"] in states, timeout_s, f"to reach {sorted(states)}",
