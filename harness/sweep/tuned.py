@@ -141,7 +141,9 @@ def run_tuned_sweep(spec: SweepSpec, sweep_file: Path, overrides: tuple[str, ...
     final_dir = root / "final"
     if not (final_dir / STATE_FILE).is_file():
         statuses = trial_statuses(tuning)
-        if not statuses or any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
+        # unfinished: a trial not ended, or not created yet (Tune generates trials as slots free up, so an
+        # experiment interrupted early has saved only some of them)
+        if set(statuses) != set(tuning.trials) or any(s not in ("TERMINATED", "ERROR") for s in statuses.values()):
             restore = bool(resume) and tune.Tuner.can_restore(str(tuning.experiment_dir))
             if resume:
                 track.reopen_run(tuning.track["tracking_uri"], tuning.parent_run_id)
